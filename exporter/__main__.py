@@ -1,0 +1,5 @@
+import sys
+
+from bindscope.cli import main
+
+sys.exit(main())

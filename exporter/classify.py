@@ -1,0 +1,78 @@
+"""Address -> scope, and socket + the namespace's addresses -> exposure. Pure functions."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from functools import lru_cache
+
+from bindscope.model import Exposure, HostAddress, Scope, Socket
+
+_SCOPE_EXPOSURE = {
+    Scope.LOOPBACK: Exposure.LOOPBACK,
+    Scope.LINK_LOCAL: Exposure.PRIVATE,  # reachable from the link: a private network
+    Scope.PRIVATE: Exposure.PRIVATE,
+    Scope.PUBLIC: Exposure.PUBLIC,
+}
+
+
+@lru_cache(maxsize=4096)
+def scope_of(address: str) -> Scope:
+    """What the bind address alone says; IPv4-mapped IPv6 is judged as its IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified:
+        return Scope.WILDCARD
+    if ip.is_loopback:
+        return Scope.LOOPBACK
+    if ip.is_link_local:
+        return Scope.LINK_LOCAL
+    # is_global is False for RFC 1918, ULA, CGNAT and the documentation ranges alike:
+    # none of them is reachable from the internet at large
+    if ip.is_global:
+        return Scope.PUBLIC
+    return Scope.PRIVATE
+
+
+def host_address(interface: str, address: str, family: int) -> HostAddress:
+    return HostAddress(address=address, interface=interface, family=family,
+                       scope=scope_of(address))
+
+
+def accepted_families(sock: Socket) -> frozenset[int]:
+    """Which IP families a socket accepts: an IPv6 wildcard without v6only takes IPv4 too.
+
+    v6only unknown (psutil, /proc/net fallbacks) counts as off, Linux's default
+    (net.ipv6.bindv6only=0): over-reporting exposure is safer than missing it.
+    """
+    if sock.family == 4:
+        return frozenset({4})
+    if scope_of(sock.address) is Scope.WILDCARD and not sock.v6only:
+        return frozenset({4, 6})
+    return frozenset({6})
+
+
+def exposure_of(sock: Socket, addresses: Iterable[HostAddress]) -> Exposure:
+    """Who can reach the socket: the widest address it accepts connections on."""
+    scope = scope_of(sock.address)
+    if scope is not Scope.WILDCARD:
+        return _SCOPE_EXPOSURE[scope]
+    families = accepted_families(sock)
+    widest = Exposure.LOOPBACK  # a wildcard always takes loopback
+    for a in addresses:
+        if a.family in families:
+            widest = max(widest, _SCOPE_EXPOSURE[a.scope])
+    return widest
+
+
+def reachable_addresses(sock: Socket, addresses: Iterable[HostAddress]) -> list[HostAddress]:
+    """The namespace's addresses on which the socket accepts connections."""
+    scope = scope_of(sock.address)
+    if scope is Scope.WILDCARD:
+        families = accepted_families(sock)
+        return [a for a in addresses if a.family in families]
+    target = ipaddress.ip_address(sock.address)
+    if isinstance(target, ipaddress.IPv6Address) and target.ipv4_mapped is not None:
+        target = target.ipv4_mapped
+    return [a for a in addresses if ipaddress.ip_address(a.address) == target]

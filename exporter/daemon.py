@@ -1,0 +1,138 @@
+"""The exporter's running state: config, the scan thread, and the exposition it serves.
+
+A background thread scans on a timer and swaps in the rendered exposition of each
+completed scan; scrapes read that one reference and never wait for a scan.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import threading
+import time
+
+from bindscope.collector import ReloadState, RuntimeCollector, render
+from bindscope.config import Config, ConfigError, load_config
+from bindscope.model import Snapshot, Status
+from bindscope.scan import Scanner
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+log = logging.getLogger("bindscope.daemon")
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | None, scanner: Scanner,
+                 telemetry_path: str = "/metrics", max_listeners: int = 0) -> None:
+        self._config = config
+        self._config_path = config_path
+        self._scanner = scanner
+        self._telemetry_path = telemetry_path
+        self._max_listeners = max_listeners
+        self._snapshot: Snapshot | None = None
+        self._body = b""
+        self._reload = ReloadState(successful=True, success_timestamp=time.time())
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._runtime = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self._runtime)
+        PlatformCollector(registry=self._runtime)
+        GCCollector(registry=self._runtime)
+        self._runtime.register(RuntimeCollector(lambda: self._reload,
+                                                lambda: self._scanner.backend))
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="scan", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.5) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.scan_once()
+            interval = self._config.scan_interval
+            self._wake.wait(max(0.0, started + interval - time.monotonic()))
+            self._wake.clear()
+
+    def scan_once(self) -> Snapshot:
+        snap = self._scanner.scan(self._config)
+        body = render(snap, self._max_listeners)
+        # one assignment each: a scrape sees the old exposition or the new, never a mix
+        self._body = body
+        self._snapshot = snap
+        return snap
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the config file; on error keep the last good config and say why."""
+        with self._reload_lock:
+            if self._config_path is None:
+                self._reload = ReloadState(True, time.time())
+                return True, "no --config.file: the embedded default stays in force"
+            try:
+                config = load_config(self._config_path)
+            except ConfigError as e:
+                self._reload = ReloadState(False, self._reload.success_timestamp)
+                log.error("config reload failed, keeping the last good config",
+                          extra={"file": self._config_path, "err": str(e)})
+                return False, str(e)
+            self._config = config
+            self._reload = ReloadState(True, time.time())
+            log.info("config reloaded", extra={"file": self._config_path,
+                                               "services": len(config.services)})
+        self._wake.set()  # judge the new config now rather than at the next tick
+        return True, "config reloaded"
+
+    def ready(self) -> bool:
+        return self._snapshot is not None
+
+    def metrics(self) -> bytes:
+        return self._body + generate_latest(self._runtime)
+
+    def landing(self) -> str:
+        snap = self._snapshot
+        rows = []
+        if snap is not None:
+            for v in snap.verdicts:
+                s = v.service
+                cls = "ok" if v.status is Status.OK else "bad"
+                rows.append(
+                    f"<tr class={cls}><td>{html.escape(s.name)}</td><td>{s.port}/"
+                    f"{s.protocol.value}</td><td>{s.expose.value}</td>"
+                    f"<td>{v.exposure.value}</td><td>{v.status.value}</td></tr>")
+        table = ("<table><tr><th>service</th><th>port</th><th>expected</th>"
+                 "<th>exposure</th><th>status</th></tr>" + "".join(rows) + "</table>"
+                 if rows else "<p>No services declared.</p>")
+        scanned = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.timestamp))
+                   if snap else "not yet")
+        unexpected = len(snap.unexpected) if snap else 0
+        path = html.escape(self._telemetry_path)
+        return (
+            "<!DOCTYPE html><html><head><meta charset=utf-8><title>bindscope exporter</title>"
+            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.2em .8em;"
+            "text-align:left}tr.bad td{color:#b00}</style></head><body>"
+            "<h1>bindscope exporter</h1>"
+            f"<p>Compares what listens on this host with what should. Last scan: {scanned}. "
+            f"Unexpected listeners: {unexpected}.</p>{table}"
+            f'<p><a href="{path}">Metrics</a> · <a href="/-/healthy">Health</a> · '
+            '<a href="/-/ready">Readiness</a></p></body></html>'
+        )

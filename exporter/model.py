@@ -1,0 +1,182 @@
+"""The data every stage passes on: enums used as label values and frozen records.
+
+Data flows one way: config -> discover -> classify -> judge -> probe -> collector.
+Every record is immutable so a finished scan can be shared with scrapes without locks.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+HOST_NETNS = "host"
+UNKNOWN_PROCESS = "unknown"
+
+
+class Protocol(enum.Enum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class Scope(enum.Enum):
+    """What the bind address alone says."""
+
+    LOOPBACK = "loopback"
+    LINK_LOCAL = "link_local"
+    PRIVATE = "private"
+    PUBLIC = "public"
+    WILDCARD = "wildcard"
+
+
+class Exposure(enum.Enum):
+    """Who can reach a socket, ordered from nobody to everybody."""
+
+    NONE = "none"
+    LOOPBACK = "loopback"
+    PRIVATE = "private"
+    PUBLIC = "public"
+
+    @property
+    def rank(self) -> int:
+        return _EXPOSURE_RANK[self]
+
+    def __lt__(self, other: Exposure) -> bool:
+        return self.rank < other.rank
+
+    def __le__(self, other: Exposure) -> bool:
+        return self.rank <= other.rank
+
+    def __gt__(self, other: Exposure) -> bool:
+        return self.rank > other.rank
+
+    def __ge__(self, other: Exposure) -> bool:
+        return self.rank >= other.rank
+
+
+_EXPOSURE_RANK = {e: i for i, e in enumerate(Exposure)}
+
+
+class Status(enum.Enum):
+    """The one verdict a declared service gets (the order is the label order)."""
+
+    OK = "ok"
+    NOT_LISTENING = "not_listening"
+    LOOPBACK_ONLY = "loopback_only"
+    OVEREXPOSED = "overexposed"
+    WRONG_PROCESS = "wrong_process"
+    # Listening as declared, but the owner could not be read (no CAP_SYS_PTRACE):
+    # a `process:` expectation can be neither confirmed nor refuted.
+    PROCESS_UNKNOWN = "process_unknown"
+
+
+@dataclass(frozen=True)
+class Socket:
+    """One listening socket as discovery reports it, before any judgement."""
+
+    protocol: Protocol
+    address: str  # no brackets; IPv6 link-local without zone
+    port: int
+    family: int  # 4 or 6
+    v6only: bool | None  # None: IPv4, or not known (psutil, /proc/net fallback)
+    inode: int
+    uid: int | None = None
+    netns: str = HOST_NETNS
+    container: str = ""
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int | None
+    name: str  # /proc/PID/comm, or UNKNOWN_PROCESS
+    cmdline: tuple[str, ...] = ()
+
+    @property
+    def known(self) -> bool:
+        return self.pid is not None
+
+
+NO_PROCESS = ProcessInfo(pid=None, name=UNKNOWN_PROCESS)
+
+
+@dataclass(frozen=True)
+class HostAddress:
+    """An address of one of the namespace's interfaces."""
+
+    address: str  # no brackets, no zone
+    interface: str
+    family: int  # 4 or 6
+    scope: Scope  # never WILDCARD
+
+    @property
+    def probe_target(self) -> str:
+        """The address as connect() needs it: IPv6 link-local carries its zone."""
+        if self.family == 6 and self.scope is Scope.LINK_LOCAL:
+            return f"{self.address}%{self.interface}"
+        return self.address
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A socket after attribution and classification."""
+
+    socket: Socket
+    process: ProcessInfo
+    scope: Scope
+    exposure: Exposure
+    service: str = ""  # the declared service it belongs to, "bindscope" for our own
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        s = self.socket
+        return (s.netns, s.protocol.value, s.port, s.address)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One entry of `services:` in the config."""
+
+    name: str
+    port: int
+    protocol: Protocol = Protocol.TCP
+    expose: Exposure = Exposure.PRIVATE
+    process: re.Pattern[str] | None = None
+    netns: str | None = None  # None: the host's namespace unless `container` is set
+    container: re.Pattern[str] | None = None
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    address: str  # the label value, zone included for link-local IPv6
+    success: bool
+    duration: float
+    error: str = ""  # errno name or "timeout"; for humans (diagnose), never a label
+
+
+@dataclass(frozen=True)
+class Verdict:
+    service: ServiceSpec
+    status: Status
+    exposure: Exposure
+    listeners: tuple[Listener, ...] = ()
+    probes: tuple[ProbeResult, ...] = ()
+
+    @property
+    def listening(self) -> bool:
+        return bool(self.listeners)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One completed scan; the collector renders it, scrapes never wait for it."""
+
+    timestamp: float
+    duration: float
+    success: bool
+    verdicts: tuple[Verdict, ...]
+    listeners: tuple[Listener, ...]
+    unexpected: tuple[Listener, ...]
+    host_addresses: tuple[HostAddress, ...]
+    errors: dict[str, int] = field(default_factory=dict)  # cumulative, by source
+    backend: str = ""
+    dropped_listeners: int = 0  # cumulative count of listener_info series not exported
