@@ -36,8 +36,7 @@ def scope_of(address: str) -> Scope:
 
 
 def host_address(interface: str, address: str, family: int) -> HostAddress:
-    return HostAddress(address=address, interface=interface, family=family,
-                       scope=scope_of(address))
+    return HostAddress(address=address, interface=interface, family=family, scope=scope_of(address))
 
 
 def accepted_families(sock: Socket) -> frozenset[int]:

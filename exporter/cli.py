@@ -35,30 +35,60 @@ def load(path: str | None) -> Config:
 
 
 def exporter_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bindscope-exporter",
-                description="Prometheus exporter: compares the sockets listening on this "
-                "host with what should listen, and probes their reachability.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config.file", dest="config_file", default=None,
-                   help="YAML config; without it the embedded default runs (no declared "
-                   "services, every listener inventoried, unexpected listeners reported)")
-    p.add_argument("--web.listen-address", dest="listen", action="append", default=None,
-                   help="address to listen on, repeatable (default :9917: every interface, "
-                   "IPv4 and IPv6)")
-    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
-                   help="path under which to expose metrics")
-    p.add_argument("--web.config.file", dest="web_config", default=None,
-                   help="TLS and basic auth, in the Prometheus exporter-toolkit format")
-    p.add_argument("--web.enable-lifecycle", dest="lifecycle", action="store_true",
-                   help="enable POST /-/reload")
-    p.add_argument("--collector.listeners.max", dest="max_listeners", type=int, default=2000,
-                   help="most bindscope_listener_info series exported (0: no limit)")
-    p.add_argument("--discovery.backend", dest="backend", default="auto",
-                   choices=["auto", "netlink", "psutil"],
-                   help="how to list sockets; auto uses netlink and falls back to psutil")
+    p = _Parser(
+        prog="bindscope-exporter",
+        description="Prometheus exporter: compares the sockets listening on this "
+        "host with what should listen, and probes their reachability.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--config.file",
+        dest="config_file",
+        default=None,
+        help="YAML config; without it the embedded default runs (no declared "
+        "services, every listener inventoried, unexpected listeners reported)",
+    )
+    p.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        action="append",
+        default=None,
+        help="address to listen on, repeatable (default :9917: every interface, IPv4 and IPv6)",
+    )
+    p.add_argument(
+        "--web.telemetry-path",
+        dest="telemetry_path",
+        default="/metrics",
+        help="path under which to expose metrics",
+    )
+    p.add_argument(
+        "--web.config.file",
+        dest="web_config",
+        default=None,
+        help="TLS and basic auth, in the Prometheus exporter-toolkit format",
+    )
+    p.add_argument(
+        "--web.enable-lifecycle",
+        dest="lifecycle",
+        action="store_true",
+        help="enable POST /-/reload",
+    )
+    p.add_argument(
+        "--collector.listeners.max",
+        dest="max_listeners",
+        type=int,
+        default=2000,
+        help="most bindscope_listener_info series exported (0: no limit)",
+    )
+    p.add_argument(
+        "--discovery.backend",
+        dest="backend",
+        default="auto",
+        choices=["auto", "netlink", "psutil"],
+        help="how to list sockets; auto uses netlink and falls back to psutil",
+    )
     p.add_argument("--log.level", dest="log_level", default="info", choices=list(LEVELS))
-    p.add_argument("--log.format", dest="log_format", default="logfmt",
-                   choices=["logfmt", "json"])
+    p.add_argument("--log.format", dest="log_format", default="logfmt", choices=["logfmt", "json"])
     p.add_argument("--version", action="version", version=f"bindscope-exporter {__version__}")
     return p
 
@@ -71,8 +101,7 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
     args = exporter_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     if args.max_listeners < 0:
-        print("bindscope-exporter: error: --collector.listeners.max must be >= 0",
-              file=sys.stderr)
+        print("bindscope-exporter: error: --collector.listeners.max must be >= 0", file=sys.stderr)
         return EXIT_USAGE
     try:
         config = load(args.config_file)
@@ -82,6 +111,7 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
     security = None
     if args.web_config:
         from bindscope.webconfig import WebConfigError, WebConfigWatcher, load_web_config
+
         try:
             load_web_config(args.web_config)
         except WebConfigError as e:
@@ -90,11 +120,15 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
         security = WebConfigWatcher(args.web_config)
 
     scanner = Scanner(backend=args.backend, max_listeners=args.max_listeners)
-    daemon = Daemon(config, args.config_file, scanner, args.telemetry_path,
-                    args.max_listeners)
-    endpoints = Endpoints(metrics=daemon.metrics, landing=daemon.landing, ready=daemon.ready,
-                          reload=daemon.reload, telemetry_path=args.telemetry_path,
-                          enable_lifecycle=args.lifecycle)
+    daemon = Daemon(config, args.config_file, scanner, args.telemetry_path, args.max_listeners)
+    endpoints = Endpoints(
+        metrics=daemon.metrics,
+        landing=daemon.landing,
+        ready=daemon.ready,
+        reload=daemon.reload,
+        telemetry_path=args.telemetry_path,
+        enable_lifecycle=args.lifecycle,
+    )
     servers: list[Server] = []
     try:
         for text in args.listen or [":9917"]:
@@ -116,10 +150,15 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
-    log.info("starting bindscope-exporter", extra={
-        "version": __version__, "config": args.config_file or "<embedded default>",
-        "services": len(config.services),
-        "listen": ",".join(f"{h}:{p}" for h, p in (s.endpoint for s in servers))})
+    log.info(
+        "starting bindscope-exporter",
+        extra={
+            "version": __version__,
+            "config": args.config_file or "<embedded default>",
+            "services": len(config.services),
+            "listen": ",".join(f"{h}:{p}" for h, p in (s.endpoint for s in servers)),
+        },
+    )
     daemon.start()
     serve(servers)
     try:

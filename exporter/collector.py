@@ -36,25 +36,37 @@ class SnapshotCollector(Collector):
 
     def _services(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
         info = GaugeMetricFamily(
-            "bindscope_service_info", "A declared service: its port, protocol and expected "
-            "exposure. Always 1.", labels=["service", "protocol", "port", "expose"])
+            "bindscope_service_info",
+            "A declared service: its port, protocol and expected exposure. Always 1.",
+            labels=["service", "protocol", "port", "expose"],
+        )
         listening = GaugeMetricFamily(
             "bindscope_service_listening",
-            "1 if any socket listens on the service's port and protocol.", labels=["service"])
+            "1 if any socket listens on the service's port and protocol.",
+            labels=["service"],
+        )
         status = GaugeMetricFamily(
-            "bindscope_service_status", "Verdict for each declared service, one-hot: ok, "
+            "bindscope_service_status",
+            "Verdict for each declared service, one-hot: ok, "
             "not_listening, loopback_only, overexposed, wrong_process, process_unknown.",
-            labels=["service", "status"])
+            labels=["service", "status"],
+        )
         exposure = GaugeMetricFamily(
-            "bindscope_service_exposure", "Who can reach the service judging by its bind "
+            "bindscope_service_exposure",
+            "Who can reach the service judging by its bind "
             "addresses, one-hot: none, loopback, private, public.",
-            labels=["service", "exposure"])
+            labels=["service", "exposure"],
+        )
         success = GaugeMetricFamily(
-            "bindscope_probe_success", "1 if a TCP connect to the address and the "
-            "service's port succeeded in the last scan.", labels=["service", "address"])
+            "bindscope_probe_success",
+            "1 if a TCP connect to the address and the service's port succeeded in the last scan.",
+            labels=["service", "address"],
+        )
         duration = GaugeMetricFamily(
-            "bindscope_probe_duration_seconds", "How long the probe's TCP connect took.",
-            labels=["service", "address"])
+            "bindscope_probe_duration_seconds",
+            "How long the probe's TCP connect took.",
+            labels=["service", "address"],
+        )
         for v in snap.verdicts:
             s = v.service
             info.add_metric([s.name, s.protocol.value, str(s.port), s.expose.value], 1)
@@ -70,15 +82,34 @@ class SnapshotCollector(Collector):
 
     def _listeners(self, snap: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         info = GaugeMetricFamily(
-            "bindscope_listener_info", "A listening socket; service is empty when "
-            "undeclared. Always 1.",
-            labels=["protocol", "address", "port", "scope", "exposure", "process",
-                    "service", "netns", "container"])
+            "bindscope_listener_info",
+            "A listening socket; service is empty when undeclared. Always 1.",
+            labels=[
+                "protocol",
+                "address",
+                "port",
+                "scope",
+                "exposure",
+                "process",
+                "service",
+                "netns",
+                "container",
+            ],
+        )
         seen: set[tuple[str, ...]] = set()
         for lst in snap.listeners:
             s = lst.socket
-            labels = (s.protocol.value, s.address, str(s.port), lst.scope.value,
-                      lst.exposure.value, lst.process.name, lst.service, s.netns, s.container)
+            labels = (
+                s.protocol.value,
+                s.address,
+                str(s.port),
+                lst.scope.value,
+                lst.exposure.value,
+                lst.process.name,
+                lst.service,
+                s.netns,
+                s.container,
+            )
             if labels in seen:  # SO_REUSEPORT groups share one series
                 continue
             if self._max_listeners and len(seen) >= self._max_listeners:
@@ -87,12 +118,16 @@ class SnapshotCollector(Collector):
             info.add_metric(list(labels), 1)
         yield info
         yield CounterMetricFamily(
-            "bindscope_listener_info_dropped", "bindscope_listener_info series not exported "
+            "bindscope_listener_info_dropped",
+            "bindscope_listener_info series not exported "
             "because of --collector.listeners.max, summed over scans.",
-            value=snap.dropped_listeners)
+            value=snap.dropped_listeners,
+        )
         counts = GaugeMetricFamily(
-            "bindscope_listeners", "Listening sockets by protocol and exposure.",
-            labels=["protocol", "exposure"])
+            "bindscope_listeners",
+            "Listening sockets by protocol and exposure.",
+            labels=["protocol", "exposure"],
+        )
         tally = {(p, e): 0 for p in Protocol for e in Exposure if e is not Exposure.NONE}
         for lst in snap.listeners:
             tally[(lst.socket.protocol, lst.exposure)] += 1
@@ -100,31 +135,46 @@ class SnapshotCollector(Collector):
             counts.add_metric([p.value, e.value], n)
         yield counts
         strays = GaugeMetricFamily(
-            "bindscope_unexpected_listener_info", "An undeclared listener reachable beyond "
+            "bindscope_unexpected_listener_info",
+            "An undeclared listener reachable beyond "
             "loopback and not ignored by the config. Always 1.",
-            labels=["protocol", "address", "port", "exposure", "process", "netns",
-                    "container"])
+            labels=["protocol", "address", "port", "exposure", "process", "netns", "container"],
+        )
         seen.clear()
         for lst in snap.unexpected:
             s = lst.socket
-            labels = (s.protocol.value, s.address, str(s.port), lst.exposure.value,
-                      lst.process.name, s.netns, s.container)
+            labels = (
+                s.protocol.value,
+                s.address,
+                str(s.port),
+                lst.exposure.value,
+                lst.process.name,
+                s.netns,
+                s.container,
+            )
             if labels not in seen:
                 seen.add(labels)
                 strays.add_metric(list(labels), 1)
         yield strays
 
     def _scan(self, snap: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        yield GaugeMetricFamily("bindscope_scan_success", "1 if the last scan completed.",
-                                value=float(snap.success))
-        yield GaugeMetricFamily("bindscope_scan_duration_seconds",
-                                "How long the last scan took.", value=snap.duration)
-        yield GaugeMetricFamily("bindscope_last_scan_timestamp_seconds",
-                                "When the last scan completed, in Unix time.",
-                                value=snap.timestamp)
+        yield GaugeMetricFamily(
+            "bindscope_scan_success", "1 if the last scan completed.", value=float(snap.success)
+        )
+        yield GaugeMetricFamily(
+            "bindscope_scan_duration_seconds", "How long the last scan took.", value=snap.duration
+        )
+        yield GaugeMetricFamily(
+            "bindscope_last_scan_timestamp_seconds",
+            "When the last scan completed, in Unix time.",
+            value=snap.timestamp,
+        )
         errors = CounterMetricFamily(
-            "bindscope_scan_errors", "Errors met while scanning, by source (e.g. unreadable "
-            "/proc entries, processes that exited mid-scan).", labels=["source"])
+            "bindscope_scan_errors",
+            "Errors met while scanning, by source (e.g. unreadable "
+            "/proc entries, processes that exited mid-scan).",
+            labels=["source"],
+        )
         counts = dict.fromkeys(ERROR_SOURCES, 0) | snap.errors
         for source in sorted(counts):
             errors.add_metric([source], counts[source])
@@ -143,23 +193,28 @@ class RuntimeCollector(Collector):
     bindscope_build_info{discovery="netlink",version="0.1.0"} 1.0
     """
 
-    def __init__(self, reload_state: Callable[[], ReloadState],
-                 backend: Callable[[], str]) -> None:
+    def __init__(self, reload_state: Callable[[], ReloadState], backend: Callable[[], str]) -> None:
         self._reload_state = reload_state
         self._backend = backend
 
     def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
         state = self._reload_state()
-        yield GaugeMetricFamily("bindscope_config_last_reload_successful",
-                                "1 if the last config (re)load succeeded.",
-                                value=float(state.successful))
-        yield GaugeMetricFamily("bindscope_config_last_reload_success_timestamp_seconds",
-                                "When the config was last loaded successfully, in Unix time.",
-                                value=state.success_timestamp)
+        yield GaugeMetricFamily(
+            "bindscope_config_last_reload_successful",
+            "1 if the last config (re)load succeeded.",
+            value=float(state.successful),
+        )
+        yield GaugeMetricFamily(
+            "bindscope_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully, in Unix time.",
+            value=state.success_timestamp,
+        )
         build = GaugeMetricFamily(
-            "bindscope_build_info", "The running bindscope: its version, the socket "
+            "bindscope_build_info",
+            "The running bindscope: its version, the socket "
             "discovery backend (netlink or psutil) and Python. Always 1.",
-            labels=["version", "discovery", "python_version"])
+            labels=["version", "discovery", "python_version"],
+        )
         build.add_metric([__version__, self._backend(), platform.python_version()], 1)
         yield build
 

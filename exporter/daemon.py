@@ -27,8 +27,14 @@ log = logging.getLogger("bindscope.daemon")
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: str | None, scanner: Scanner,
-                 telemetry_path: str = "/metrics", max_listeners: int = 0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        scanner: Scanner,
+        telemetry_path: str = "/metrics",
+        max_listeners: int = 0,
+    ) -> None:
         self._config = config
         self._config_path = config_path
         self._scanner = scanner
@@ -45,8 +51,9 @@ class Daemon:
         ProcessCollector(registry=self._runtime)
         PlatformCollector(registry=self._runtime)
         GCCollector(registry=self._runtime)
-        self._runtime.register(RuntimeCollector(lambda: self._reload,
-                                                lambda: self._scanner.backend))
+        self._runtime.register(
+            RuntimeCollector(lambda: self._reload, lambda: self._scanner.backend)
+        )
 
     @property
     def config(self) -> Config:
@@ -92,13 +99,17 @@ class Daemon:
                 config = load_config(self._config_path)
             except ConfigError as e:
                 self._reload = ReloadState(False, self._reload.success_timestamp)
-                log.error("config reload failed, keeping the last good config",
-                          extra={"file": self._config_path, "err": str(e)})
+                log.error(
+                    "config reload failed, keeping the last good config",
+                    extra={"file": self._config_path, "err": str(e)},
+                )
                 return False, str(e)
             self._config = config
             self._reload = ReloadState(True, time.time())
-            log.info("config reloaded", extra={"file": self._config_path,
-                                               "services": len(config.services)})
+            log.info(
+                "config reloaded",
+                extra={"file": self._config_path, "services": len(config.services)},
+            )
         self._wake.set()  # judge the new config now rather than at the next tick
         return True, "config reloaded"
 
@@ -118,12 +129,19 @@ class Daemon:
                 rows.append(
                     f"<tr class={cls}><td>{html.escape(s.name)}</td><td>{s.port}/"
                     f"{s.protocol.value}</td><td>{s.expose.value}</td>"
-                    f"<td>{v.exposure.value}</td><td>{v.status.value}</td></tr>")
-        table = ("<table><tr><th>service</th><th>port</th><th>expected</th>"
-                 "<th>exposure</th><th>status</th></tr>" + "".join(rows) + "</table>"
-                 if rows else "<p>No services declared.</p>")
-        scanned = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.timestamp))
-                   if snap else "not yet")
+                    f"<td>{v.exposure.value}</td><td>{v.status.value}</td></tr>"
+                )
+        table = (
+            "<table><tr><th>service</th><th>port</th><th>expected</th>"
+            "<th>exposure</th><th>status</th></tr>" + "".join(rows) + "</table>"
+            if rows
+            else "<p>No services declared.</p>"
+        )
+        scanned = (
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.timestamp))
+            if snap
+            else "not yet"
+        )
         unexpected = len(snap.unexpected) if snap else 0
         path = html.escape(self._telemetry_path)
         return (

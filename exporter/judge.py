@@ -79,8 +79,11 @@ def judge(
                 break
         else:
             sock = lst.socket
-            if (sock.protocol is Protocol.TCP and sock.netns == HOST_NETNS
-                    and (sock.address, sock.port) in own):
+            if (
+                sock.protocol is Protocol.TCP
+                and sock.netns == HOST_NETNS
+                and (sock.address, sock.port) in own
+            ):
                 name = OWN_SERVICE
         labelled.append(dataclasses.replace(lst, service=name) if name else lst)
     verdicts = []
@@ -94,7 +97,9 @@ def judge(
 def unexpected(listeners: Iterable[Listener], ignore: Sequence[IgnoreRule]) -> tuple[Listener, ...]:
     """Undeclared listeners reachable beyond loopback that no ignore rule covers."""
     return tuple(
-        lst for lst in listeners
-        if not lst.service and lst.exposure > Exposure.LOOPBACK
+        lst
+        for lst in listeners
+        if not lst.service
+        and lst.exposure > Exposure.LOOPBACK
         and not any(rule.matches(lst) for rule in ignore)
     )

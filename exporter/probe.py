@@ -30,8 +30,9 @@ class Target:
 
 
 def _sockaddr(target: Target) -> tuple[int, tuple]:
-    info = socket.getaddrinfo(target.address, target.port, type=socket.SOCK_STREAM,
-                              flags=socket.AI_NUMERICHOST)
+    info = socket.getaddrinfo(
+        target.address, target.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+    )
     family, _type, _proto, _name, sockaddr = info[0]
     return family, sockaddr
 
@@ -59,9 +60,12 @@ def probe_all(targets: Sequence[Target], timeout: float) -> dict[Target, ProbeRe
                 try:
                     family, sockaddr = _sockaddr(target)
                     s = socket.socket(family, socket.SOCK_STREAM)
+                except socket.gaierror:
+                    # not numeric, or an unknown %zone: its errno (EAI_*) names no errno
+                    results[target] = ProbeResult(target.address, False, 0.0, "bad_address")
+                    continue
                 except OSError as e:
-                    results[target] = ProbeResult(target.address, False, 0.0,
-                                                  _err_name(e.errno))
+                    results[target] = ProbeResult(target.address, False, 0.0, _err_name(e.errno))
                     continue
                 s.setblocking(False)
                 rc = s.connect_ex(sockaddr)

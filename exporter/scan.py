@@ -32,8 +32,9 @@ log = logging.getLogger("bindscope.scan")
 class Scanner:
     """Keeps what must survive between scans: the inode cache and the error counters."""
 
-    def __init__(self, own: Collection[tuple[str, int]] = (), backend: str = "auto",
-                 max_listeners: int = 0) -> None:
+    def __init__(
+        self, own: Collection[tuple[str, int]] = (), backend: str = "auto", max_listeners: int = 0
+    ) -> None:
         self._own = frozenset(own)
         self._resolver = InodeResolver()
         self._errors: Counter[str] = Counter()
@@ -54,8 +55,10 @@ class Scanner:
         self._errors[source] += count
         if source not in self._logged:
             self._logged.add(source)
-            log.warning("scan error (further ones of this source are only counted)",
-                        extra={"source": source, "detail": detail})
+            log.warning(
+                "scan error (further ones of this source are only counted)",
+                extra={"source": source, "detail": detail},
+            )
         else:
             log.debug("scan error", extra={"source": source, "detail": detail})
 
@@ -70,14 +73,19 @@ class Scanner:
         verdicts, labelled = judge(config.services, listeners, self._own)
         if config.probe.enabled:
             verdicts = self._probe(config, verdicts, addresses)
-        strays = (unexpected(labelled, config.unexpected.ignore)
-                  if config.unexpected.report else ())
+        strays = unexpected(labelled, config.unexpected.ignore) if config.unexpected.report else ()
         if self._max_listeners and len(labelled) > self._max_listeners:
             self._dropped += len(labelled) - self._max_listeners
         return Snapshot(
-            timestamp=time.time(), duration=time.monotonic() - t0, success=success,
-            verdicts=verdicts, listeners=labelled, unexpected=strays,
-            host_addresses=addresses, errors=dict(self._errors), backend=self.backend,
+            timestamp=time.time(),
+            duration=time.monotonic() - t0,
+            success=success,
+            verdicts=verdicts,
+            listeners=labelled,
+            unexpected=strays,
+            host_addresses=addresses,
+            errors=dict(self._errors),
+            backend=self.backend,
             dropped_listeners=self._dropped,
         )
 
@@ -90,12 +98,14 @@ class Scanner:
             addresses = ()
         listeners = []
         for sock in sockets:
-            listeners.append(Listener(
-                socket=sock,
-                process=owners.get(sock, NO_PROCESS),
-                scope=scope_of(sock.address),
-                exposure=exposure_of(sock, addresses),
-            ))
+            listeners.append(
+                Listener(
+                    socket=sock,
+                    process=owners.get(sock, NO_PROCESS),
+                    scope=scope_of(sock.address),
+                    exposure=exposure_of(sock, addresses),
+                )
+            )
         return listeners, addresses
 
     def _list(self) -> tuple[list[Socket], dict[Socket, object]]:
@@ -105,8 +115,7 @@ class Scanner:
             except netlink.NetlinkUnavailable as e:
                 if self._backend == "netlink":
                     raise
-                log.warning("netlink sock_diag unavailable, using psutil",
-                            extra={"reason": str(e)})
+                log.warning("netlink sock_diag unavailable, using psutil", extra={"reason": str(e)})
                 self._backend = "psutil"
             else:
                 if not self._backend:
@@ -115,8 +124,9 @@ class Scanner:
                 attribution = self._resolver.resolve(s.inode for s in sockets)
                 for source, n in attribution.errors.items():
                     self.error(source, "reading /proc/PID/fd", n)
-                owners = {s: attribution.owners[s.inode] for s in sockets
-                          if s.inode in attribution.owners}
+                owners = {
+                    s: attribution.owners[s.inode] for s in sockets if s.inode in attribution.owners
+                }
                 return sockets, owners
         sockets, pids = psutil_backend.list_sockets()
         owners = {}
@@ -130,24 +140,28 @@ class Scanner:
                     owners[s] = info
         return sockets, owners
 
-    def _probe(self, config: Config, verdicts: tuple[Verdict, ...],
-               addresses: tuple[HostAddress, ...]) -> tuple[Verdict, ...]:
+    def _probe(
+        self, config: Config, verdicts: tuple[Verdict, ...], addresses: tuple[HostAddress, ...]
+    ) -> tuple[Verdict, ...]:
         if config.probe.addresses is not None:
             hosts = list(config.probe.addresses)
         else:
-            hosts = [a.probe_target for a in addresses]
+            # one address on two interfaces must not make two series with the same labels
+            hosts = list(dict.fromkeys(a.probe_target for a in addresses))
+
         # UDP has no handshake to probe; other namespaces are probed through their
         # published ports, not their own addresses
         def probed(v: Verdict) -> bool:
             s = v.service
-            return (s.protocol is Protocol.TCP and s.netns in (None, HOST_NETNS)
-                    and s.container is None)
+            return (
+                s.protocol is Protocol.TCP and s.netns in (None, HOST_NETNS) and s.container is None
+            )
 
         targets = [Target(h, v.service.port) for v in verdicts if probed(v) for h in hosts]
         results = probe_all(targets, config.probe.timeout)
         return tuple(
-            dataclasses.replace(
-                v, probes=tuple(results[Target(h, v.service.port)] for h in hosts))
-            if probed(v) else v
+            dataclasses.replace(v, probes=tuple(results[Target(h, v.service.port)] for h in hosts))
+            if probed(v)
+            else v
             for v in verdicts
         )

@@ -14,15 +14,21 @@ from bindscope.scan import Scanner
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bindscope", description="Check what listens on this host against "
-                "what should listen.")
+    p = _Parser(
+        prog="bindscope", description="Check what listens on this host against what should listen."
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    scan = sub.add_parser("scan", help="scan once, print services and listeners; exit 1 "
-                          "if any service is not ok")
+    scan = sub.add_parser(
+        "scan", help="scan once, print services and listeners; exit 1 if any service is not ok"
+    )
     scan.add_argument("--config.file", dest="config_file", default=None)
     scan.add_argument("--json", action="store_true", help="machine-readable output")
-    scan.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
-                      help="probe reachability of each service on each host address")
+    scan.add_argument(
+        "--probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="probe reachability of each service on each host address",
+    )
     return p
 
 
@@ -36,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.probe:
         import dataclasses
 
-        config = dataclasses.replace(
-            config, probe=dataclasses.replace(config.probe, enabled=False))
+        config = dataclasses.replace(config, probe=dataclasses.replace(config.probe, enabled=False))
     snap = Scanner().scan(config)
     print(json.dumps(snapshot_json(snap), indent=2) if args.json else table(snap))
     return EXIT_OK if all(v.status is Status.OK for v in snap.verdicts) else EXIT_PROBLEM
@@ -46,17 +51,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 def snapshot_json(snap: Snapshot) -> dict:
     return {
         "services": [
-            {"name": v.service.name, "port": v.service.port,
-             "protocol": v.service.protocol.value, "expose": v.service.expose.value,
-             "status": v.status.value, "exposure": v.exposure.value,
-             "probes": [{"address": p.address, "success": p.success} for p in v.probes]}
+            {
+                "name": v.service.name,
+                "port": v.service.port,
+                "protocol": v.service.protocol.value,
+                "expose": v.service.expose.value,
+                "status": v.status.value,
+                "exposure": v.exposure.value,
+                "probes": [{"address": p.address, "success": p.success} for p in v.probes],
+            }
             for v in snap.verdicts
         ],
         "listeners": [
-            {"protocol": lst.socket.protocol.value, "address": lst.socket.address,
-             "port": lst.socket.port, "scope": lst.scope.value,
-             "exposure": lst.exposure.value, "process": lst.process.name,
-             "service": lst.service}
+            {
+                "protocol": lst.socket.protocol.value,
+                "address": lst.socket.address,
+                "port": lst.socket.port,
+                "scope": lst.scope.value,
+                "exposure": lst.exposure.value,
+                "process": lst.process.name,
+                "service": lst.service,
+            }
             for lst in snap.listeners
         ],
     }
@@ -66,6 +81,8 @@ def table(snap: Snapshot) -> str:
     lines = [f"{'SERVICE':<20} {'PORT':<10} {'EXPECTED':<9} {'EXPOSURE':<9} STATUS"]
     for v in snap.verdicts:
         s = v.service
-        lines.append(f"{s.name:<20} {f'{s.port}/{s.protocol.value}':<10} "
-                     f"{s.expose.value:<9} {v.exposure.value:<9} {v.status.value}")
+        lines.append(
+            f"{s.name:<20} {f'{s.port}/{s.protocol.value}':<10} "
+            f"{s.expose.value:<9} {v.exposure.value:<9} {v.status.value}"
+        )
     return "\n".join(lines)

@@ -56,7 +56,8 @@ def parse_listen_address(text: str) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         raise ListenAddressError(
-            f"--web.listen-address: {text!r}: write IPv6 addresses in brackets, [::1]:9917")
+            f"--web.listen-address: {text!r}: write IPv6 addresses in brackets, [::1]:9917"
+        )
     return host, int(port_text)
 
 
@@ -64,8 +65,9 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client must not delay shutdown
     request_queue_size = 128
 
-    def __init__(self, host: str, port: int, endpoints: Endpoints,
-                 security: WebSecurity | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, endpoints: Endpoints, security: WebSecurity | None = None
+    ) -> None:
         self.endpoints = endpoints
         self.security = security
         family, address, dual = _resolve(host, port)
@@ -129,8 +131,12 @@ class Handler(BaseHTTPRequestHandler):
         sec = self.server.security
         if sec is None or sec.authorize(self.headers.get("Authorization")):
             return True
-        self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8",
-                   {"WWW-Authenticate": 'Basic realm="bindscope"'})
+        self._send(
+            401,
+            b"Unauthorized\n",
+            "text/plain; charset=utf-8",
+            {"WWW-Authenticate": 'Basic realm="bindscope"'},
+        )
         return False
 
     def do_GET(self) -> None:
@@ -153,8 +159,11 @@ class Handler(BaseHTTPRequestHandler):
             if ep.ready():
                 self._send(200, b"Ready.\n", "text/plain; charset=utf-8")
             else:
-                self._send(503, b"Not ready: the first scan has not completed.\n",
-                           "text/plain; charset=utf-8")
+                self._send(
+                    503,
+                    b"Not ready: the first scan has not completed.\n",
+                    "text/plain; charset=utf-8",
+                )
         else:
             self._send(404, b"Not found\n", "text/plain; charset=utf-8")
 
@@ -177,14 +186,17 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(403, b"Lifecycle API is not enabled.\n", "text/plain; charset=utf-8")
                 return
             ok, message = ep.reload()
-            self._send(200 if ok else 500, (message + "\n").encode(),
-                       "text/plain; charset=utf-8")
+            self._send(200 if ok else 500, (message + "\n").encode(), "text/plain; charset=utf-8")
         else:
-            self._send(405 if path in ("/", ep.telemetry_path) else 404,
-                       b"Method not allowed\n", "text/plain; charset=utf-8")
+            self._send(
+                405 if path in ("/", ep.telemetry_path) else 404,
+                b"Method not allowed\n",
+                "text/plain; charset=utf-8",
+            )
 
-    def _send(self, code: int, body: bytes, content_type: str,
-              extra: dict[str, str] | None = None) -> None:
+    def _send(
+        self, code: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -199,8 +211,12 @@ class Handler(BaseHTTPRequestHandler):
 def serve(servers: list[Server]) -> list[threading.Thread]:
     threads = []
     for srv in servers:
-        t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2},
-                             name=f"http-{srv.endpoint[1]}", daemon=True)
+        t = threading.Thread(
+            target=srv.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"http-{srv.endpoint[1]}",
+            daemon=True,
+        )
         t.start()
         threads.append(t)
     return threads

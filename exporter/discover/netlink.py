@@ -81,8 +81,9 @@ def _dump(
     netns: str,
 ) -> Iterator[Socket]:
     req = _REQ.pack(family, ipproto, 0, 0, states, b"\0" * 48)
-    hdr = _NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
-                         NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+    hdr = _NLMSGHDR.pack(
+        _NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+    )
     try:
         nl.sendto(hdr + req, (0, 0))
     except OSError as e:
@@ -100,21 +101,33 @@ def _dump(
                 if mtype == NLMSG_ERROR:
                     (errno,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
                     if errno:
-                        raise NetlinkUnavailable(
-                            f"netlink sock_diag error: {os.strerror(-errno)}"
-                        )
+                        raise NetlinkUnavailable(f"netlink sock_diag error: {os.strerror(-errno)}")
                     return
                 if mtype == SOCK_DIAG_BY_FAMILY:
-                    parsed = _parse(data, offset + _NLMSGHDR.size, offset + length,
-                                    protocol, netns)
+                    parsed = _parse(data, offset + _NLMSGHDR.size, offset + length, protocol, netns)
                     if parsed is not None:
                         yield parsed
             offset += (length + 3) & ~3
 
 
 def _parse(data: bytes, start: int, end: int, protocol: Protocol, netns: str) -> Socket | None:
-    (family, _state, _timer, _retrans, sport, _dport, src, _dst, _ifindex, _cookie,
-     _expires, _rq, _wq, uid, inode) = _MSG.unpack_from(data, start)
+    (
+        family,
+        _state,
+        _timer,
+        _retrans,
+        sport,
+        _dport,
+        src,
+        _dst,
+        _ifindex,
+        _cookie,
+        _expires,
+        _rq,
+        _wq,
+        uid,
+        inode,
+    ) = _MSG.unpack_from(data, start)
     port = int.from_bytes(sport, "big")
     if port == 0:  # an unbound UDP socket
         return None
@@ -133,5 +146,13 @@ def _parse(data: bytes, start: int, end: int, protocol: Protocol, netns: str) ->
             if rta_type == INET_DIAG_SKV6ONLY:
                 v6only = bool(data[offset + _RTA.size])
             offset += (rta_len + 3) & ~3
-    return Socket(protocol=protocol, address=address, port=port, family=fam,
-                  v6only=v6only, inode=inode, uid=uid, netns=netns)
+    return Socket(
+        protocol=protocol,
+        address=address,
+        port=port,
+        family=fam,
+        v6only=v6only,
+        inode=inode,
+        uid=uid,
+        netns=netns,
+    )

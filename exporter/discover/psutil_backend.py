@@ -34,8 +34,17 @@ def list_sockets() -> tuple[list[Socket], dict[tuple[str, str, int], int]]:
         address = c.laddr.ip.split("%", 1)[0]
         family = 6 if c.family == socket.AF_INET6 else 4
         key = (protocol.value, address, c.laddr.port)
-        found.append(Socket(protocol=protocol, address=address, port=c.laddr.port,
-                            family=family, v6only=None, inode=0, netns=HOST_NETNS))
+        found.append(
+            Socket(
+                protocol=protocol,
+                address=address,
+                port=c.laddr.port,
+                family=family,
+                v6only=None,
+                inode=0,
+                netns=HOST_NETNS,
+            )
+        )
         if c.pid:
             pids[key] = c.pid
     return found, pids

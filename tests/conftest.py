@@ -1,0 +1,350 @@
+"""Shared fixtures: real sockets, the exporter as a subprocess, network namespaces.
+
+Outside CI a test that needs root or a missing binary skips with the reason; with
+CI=true it fails instead, since CI installs everything (tests/run.sh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+EXPORTER = [
+    sys.executable,
+    "-c",
+    "import sys; from bindscope.cli import exporter_main; sys.exit(exporter_main())",
+]
+TOOL = [sys.executable, "-m", "bindscope"]
+
+
+def unavailable(reason: str) -> None:
+    """Skip outside CI; in CI a missing prerequisite is a failure."""
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        unavailable("needs root (network namespaces, other users' processes)")
+
+
+def require_binary(*names: str) -> None:
+    for name in names:
+        if shutil.which(name) is None:
+            unavailable(f"needs the {name} binary (tests/run.sh installs it as root)")
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = ""):
+    """Poll until predicate() is truthy; bounded in time. Returns its value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last}")
+
+
+class Metrics:
+    """A parsed scrape: look up samples by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+    def get(self, name: str, **labels: str) -> float | None:
+        for s in self.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+        return None
+
+    def all(self, name: str, **labels: str) -> list:
+        return [
+            s
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def status(self, service: str) -> str | None:
+        for s in self.all("bindscope_service_status", service=service):
+            if s.value == 1:
+                return s.labels["status"]
+        return None
+
+    def exposure(self, service: str) -> str | None:
+        for s in self.all("bindscope_service_exposure", service=service):
+            if s.value == 1:
+                return s.labels["exposure"]
+        return None
+
+
+class Exporter:
+    """bindscope-exporter running as a subprocess on a loopback port."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        config: str | None,
+        extra_args: list[str] | None = None,
+        prefix: list[str] | None = None,
+        port: int | None = None,
+        listen: str | None = None,
+        base: str | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.listen = listen or f"127.0.0.1:{self.port}"
+        self.config_path = None
+        if config is not None:
+            self.config_path = tmp / "bindscope.yml"
+            self.config_path.write_text(config)
+        args = [*(prefix or []), *EXPORTER, f"--web.listen-address={self.listen}"]
+        if self.config_path is not None:
+            args.append(f"--config.file={self.config_path}")
+        args += extra_args or []
+        self.log_path = tmp / f"exporter-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True
+        )
+        if base is None and listen is None:
+            base = f"http://127.0.0.1:{self.port}"
+        self.base = base
+
+    def url(self, path: str) -> str:
+        assert self.base is not None, "exporter not on 127.0.0.1; build the URL yourself"
+        return self.base + path
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exporter exited {self.proc.returncode}: {self.log()}")
+            with contextlib.suppress(OSError):
+                return self.get("/-/ready", timeout=1)[0] == 200
+            return False
+
+        wait_for(ready, timeout, what="exporter ready")
+
+    def scrape(self) -> Metrics:
+        code, body = self.get("/metrics")
+        assert code == 200, body
+        return Metrics(body)
+
+    def wait_metrics(self, predicate, timeout: float = 10.0, what: str = "") -> Metrics:
+        """Scrape until predicate(metrics) holds."""
+
+        def attempt():
+            m = self.scrape()
+            return m if predicate(m) else None
+
+        return wait_for(attempt, timeout, interval=0.1, what=what)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def exporter(tmp_path: Path) -> Iterator:
+    """Factory: exporter(config_text, extra_args) -> a ready Exporter; stopped at the end."""
+    started: list[Exporter] = []
+
+    def start(
+        config: str | None = None, extra_args: list[str] | None = None, ready: bool = True, **kw
+    ) -> Exporter:
+        exp = Exporter(tmp_path, config, extra_args, **kw)
+        started.append(exp)
+        if ready:
+            exp.wait_ready()
+        return exp
+
+    yield start
+    for exp in started:
+        exp.stop()
+
+
+@pytest.fixture
+def listen() -> Iterator:
+    """Factory: listen(address, port=0, udp=False, v6only=None) -> a bound socket.
+
+    TCP sockets are put in LISTEN; every socket is closed at the end.
+    """
+    opened: list[socket.socket] = []
+
+    def make(
+        address: str, port: int = 0, udp: bool = False, v6only: bool | None = None
+    ) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+        opened.append(s)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6only is not None:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        s.bind((address, port))
+        if not udp:
+            s.listen(16)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+def run(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+class TwoHosts:
+    """Namespaces "server" and "client" joined by a veth pair (documentation ranges).
+
+    server: 198.51.100.1/24, 2001:db8::1/64; client: 198.51.100.2/24, 2001:db8::2/64.
+    """
+
+    SERVER4, CLIENT4 = "198.51.100.1", "198.51.100.2"
+    SERVER6, CLIENT6 = "2001:db8::1", "2001:db8::2"
+
+    def __init__(self, tag: str) -> None:
+        self.server = f"bss-{tag}"
+        self.client = f"bsc-{tag}"
+        self._veth = f"bsv-{tag}"[:14]
+
+    def create(self) -> None:
+        run("ip", "netns", "add", self.server)
+        run("ip", "netns", "add", self.client)
+        run("ip", "link", "add", self._veth + "s", "type", "veth", "peer", "name", self._veth + "c")
+        run("ip", "link", "set", self._veth + "s", "netns", self.server)
+        run("ip", "link", "set", self._veth + "c", "netns", self.client)
+        for ns, dev, v4, v6 in (
+            (self.server, self._veth + "s", self.SERVER4, self.SERVER6),
+            (self.client, self._veth + "c", self.CLIENT4, self.CLIENT6),
+        ):
+            self.exec(ns, "ip", "link", "set", "lo", "up")
+            # no automatic fe80:: address: tests talk to the documentation ranges only
+            self.exec(ns, "ip", "link", "set", "dev", dev, "addrgenmode", "none")
+            self.exec(ns, "ip", "addr", "add", f"{v4}/24", "dev", dev)
+            self.exec(ns, "ip", "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+            self.exec(ns, "ip", "link", "set", dev, "up")
+
+    def exec(self, ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run("ip", "netns", "exec", ns, *args, check=check)
+
+    def prefix(self, ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+    def delete(self) -> None:
+        for ns in (self.server, self.client):
+            # killing what still runs inside lets the namespace go away at once
+            pids = run("ip", "netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            run("ip", "netns", "del", ns, check=False)
+        run("ip", "link", "del", self._veth + "s", check=False)
+
+    def connect(self, address: str, port: int, timeout: float = 2.0) -> str:
+        """From the client namespace, like the seed's telnet: 'ok' or the error."""
+        code = (
+            "import socket,sys\n"
+            f"s=socket.create_connection(({address!r},{port}),timeout={timeout})\n"
+            "s.close()\n"
+        )
+        r = run(
+            "ip",
+            "netns",
+            "exec",
+            self.client,
+            sys.executable,
+            "-c",
+            code,
+            check=False,
+            timeout=timeout + 10,
+        )
+        if r.returncode == 0:
+            return "ok"
+        return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc={r.returncode}"
+
+    def fetch(self, url: str, timeout: float = 5.0) -> str:
+        """GET a URL from inside the client namespace."""
+        code = (
+            "import urllib.request,sys\n"
+            f"sys.stdout.write(urllib.request.urlopen({url!r},timeout={timeout})"
+            ".read().decode())\n"
+        )
+        r = run(
+            "ip", "netns", "exec", self.client, sys.executable, "-c", code, timeout=timeout + 10
+        )
+        return r.stdout
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[TwoHosts]:
+    require_root()
+    require_binary("ip")
+    hosts = TwoHosts(f"{os.getpid() % 10000}{int(time.time() * 1000) % 1000}")
+    try:
+        hosts.create()
+        yield hosts
+    finally:
+        hosts.delete()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leftover_namespaces() -> Iterator[None]:
+    """Remove test namespaces a killed earlier run left behind."""
+    if os.geteuid() == 0 and shutil.which("ip"):
+        out = run("ip", "netns", "list", check=False).stdout
+        for line in out.splitlines():
+            name = line.split()[0] if line.split() else ""
+            if name.startswith(("bss-", "bsc-")):
+                run("ip", "netns", "del", name, check=False)
+    yield
+
+
+@pytest.fixture
+def tmpdir_short() -> Iterator[Path]:
+    """A short temporary path (unix socket paths are limited to 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="bs-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,118 @@
+"""Scope and exposure: table tests over every scope, family and v6only case."""
+
+import pytest
+from bindscope.classify import exposure_of, host_address, reachable_addresses, scope_of
+from bindscope.model import Exposure, Protocol, Scope, Socket
+
+
+@pytest.mark.parametrize(
+    ("address", "scope"),
+    [
+        ("127.0.0.1", Scope.LOOPBACK),
+        ("127.0.0.53", Scope.LOOPBACK),
+        ("::1", Scope.LOOPBACK),
+        ("::ffff:127.0.0.1", Scope.LOOPBACK),
+        ("169.254.10.1", Scope.LINK_LOCAL),
+        ("fe80::1", Scope.LINK_LOCAL),
+        ("fe80::1%eth0", Scope.LINK_LOCAL),
+        ("10.1.2.3", Scope.PRIVATE),
+        ("192.168.1.1", Scope.PRIVATE),
+        ("172.16.0.1", Scope.PRIVATE),
+        ("100.64.0.1", Scope.PRIVATE),
+        ("198.51.100.1", Scope.PRIVATE),
+        ("fd00::1", Scope.PRIVATE),
+        ("2001:db8::1", Scope.PRIVATE),
+        ("::ffff:10.0.0.1", Scope.PRIVATE),
+        ("8.8.8.8", Scope.PUBLIC),
+        ("2a00:1450::1", Scope.PUBLIC),
+        ("::ffff:8.8.8.8", Scope.PUBLIC),
+        ("0.0.0.0", Scope.WILDCARD),
+        ("::", Scope.WILDCARD),
+    ],
+    ids=lambda v: str(v),
+)
+def test_scope_of(address, scope):
+    assert scope_of(address) is scope
+
+
+def sock(address, v6only=None, family=None):
+    fam = family or (6 if ":" in address else 4)
+    return Socket(Protocol.TCP, address, 5000, fam, v6only, inode=1)
+
+
+LO = [host_address("lo", "127.0.0.1", 4), host_address("lo", "::1", 6)]
+PRIVATE_V4 = [*LO, host_address("eth0", "10.0.0.5", 4)]
+PUBLIC_V4 = [*LO, host_address("eth0", "203.0.114.7", 4)]  # never contacted: only classified
+PUBLIC_V6_PRIVATE_V4 = [*PRIVATE_V4, host_address("eth0", "2a00:1450::5", 6)]
+LINK_LOCAL_ONLY = [*LO, host_address("eth0", "fe80::5", 6)]
+
+
+@pytest.mark.parametrize(
+    ("socket_", "addresses", "exposure"),
+    [
+        (sock("127.0.0.1"), PUBLIC_V4, Exposure.LOOPBACK),
+        (sock("::1"), PUBLIC_V4, Exposure.LOOPBACK),
+        (sock("::ffff:127.0.0.1", v6only=False), PUBLIC_V4, Exposure.LOOPBACK),
+        (sock("10.0.0.5"), PRIVATE_V4, Exposure.PRIVATE),
+        (sock("0.0.0.0"), PRIVATE_V4, Exposure.PRIVATE),
+        (sock("0.0.0.0"), PUBLIC_V4, Exposure.PUBLIC),
+        (sock("0.0.0.0"), LO, Exposure.LOOPBACK),
+        (sock("::", v6only=False), PUBLIC_V4, Exposure.PUBLIC),
+        (sock("::", v6only=True), PUBLIC_V4, Exposure.LOOPBACK),
+        (sock("::", v6only=True), PUBLIC_V6_PRIVATE_V4, Exposure.PUBLIC),
+        (sock("0.0.0.0"), PUBLIC_V6_PRIVATE_V4, Exposure.PRIVATE),
+        (sock("::", v6only=None), PUBLIC_V4, Exposure.PUBLIC),
+        (sock("::", v6only=True), LINK_LOCAL_ONLY, Exposure.PRIVATE),
+        (sock("fe80::5"), LINK_LOCAL_ONLY, Exposure.PRIVATE),
+        (sock("203.0.114.7"), PUBLIC_V4, Exposure.PUBLIC),
+    ],
+    ids=[
+        "ipv4 loopback on a public host",
+        "ipv6 loopback",
+        "ipv4-mapped loopback",
+        "private address",
+        "ipv4 wildcard, private host",
+        "ipv4 wildcard, public host",
+        "ipv4 wildcard, host with loopback only",
+        "ipv6 wildcard v6only off takes public ipv4",
+        "ipv6 wildcard v6only on ignores ipv4",
+        "ipv6 wildcard v6only on, public ipv6",
+        "ipv4 wildcard ignores public ipv6",
+        "ipv6 wildcard v6only unknown counts as off",
+        "ipv6 wildcard, link-local only",
+        "link-local address",
+        "public address",
+    ],
+)
+def test_exposure_of(socket_, addresses, exposure):
+    assert exposure_of(socket_, addresses) is exposure
+
+
+def test_several_sockets_on_one_port_take_the_widest():
+    both_loopback = [sock("127.0.0.1"), sock("::1")]
+    assert max(exposure_of(s, PUBLIC_V4) for s in both_loopback) is Exposure.LOOPBACK
+    both_wildcard = [sock("0.0.0.0"), sock("::", v6only=True)]
+    assert max(exposure_of(s, PUBLIC_V6_PRIVATE_V4) for s in both_wildcard) is Exposure.PUBLIC
+
+
+@pytest.mark.parametrize(
+    ("socket_", "expected"),
+    [
+        (sock("0.0.0.0"), ["127.0.0.1", "10.0.0.5"]),
+        (sock("::", v6only=False), ["127.0.0.1", "::1", "10.0.0.5", "2a00:1450::5"]),
+        (sock("::", v6only=True), ["::1", "2a00:1450::5"]),
+        (sock("127.0.0.1"), ["127.0.0.1"]),
+        (sock("::ffff:10.0.0.5", v6only=False), ["10.0.0.5"]),
+    ],
+    ids=["ipv4 wildcard", "dual-stack wildcard", "v6only wildcard", "loopback", "mapped"],
+)
+def test_reachable_addresses(socket_, expected):
+    got = [a.address for a in reachable_addresses(socket_, PUBLIC_V6_PRIVATE_V4)]
+    assert got == expected
+
+
+def test_link_local_probe_target_carries_zone():
+    a = host_address("eth0", "fe80::5", 6)
+    assert a.scope is Scope.LINK_LOCAL
+    assert a.probe_target == "fe80::5%eth0"
+    assert host_address("eth0", "10.0.0.5", 4).probe_target == "10.0.0.5"

@@ -1,0 +1,128 @@
+"""Discovery on real sockets: netlink and psutil agree, v6only is read, owners are found."""
+
+import os
+import socket
+
+import pytest
+from bindscope.discover import netlink, psutil_backend
+from bindscope.discover.processes import InodeResolver
+from bindscope.model import Protocol
+
+
+def find(sockets, protocol, address, port):
+    return [
+        s for s in sockets if s.protocol is protocol and s.address == address and s.port == port
+    ]
+
+
+@pytest.fixture
+def opened(listen):
+    """One socket of every kind discovery must see."""
+    return {
+        "tcp4": listen("127.0.0.1"),
+        "tcp4_any": listen("0.0.0.0"),
+        "tcp6_dual": listen("::", v6only=False),
+        "tcp6_only": listen("::", v6only=True),
+        "tcp6_lo": listen("::1"),
+        "udp4": listen("127.0.0.1", udp=True),
+        "udp6": listen("::", udp=True, v6only=True),
+    }
+
+
+def port(s):
+    return s.getsockname()[1]
+
+
+def test_netlink_sees_every_kind_with_v6only(opened):
+    found = netlink.list_sockets()
+    expect = [
+        ("tcp4", Protocol.TCP, "127.0.0.1", None),
+        ("tcp4_any", Protocol.TCP, "0.0.0.0", None),
+        ("tcp6_dual", Protocol.TCP, "::", False),
+        ("tcp6_only", Protocol.TCP, "::", True),
+        # the kernel sets v6only itself when a socket binds a specific IPv6 address
+        ("tcp6_lo", Protocol.TCP, "::1", True),
+        ("udp4", Protocol.UDP, "127.0.0.1", None),
+        ("udp6", Protocol.UDP, "::", True),
+    ]
+    for key, protocol, address, v6only in expect:
+        s = opened[key]
+        got = find(found, protocol, address, port(s))
+        assert len(got) == 1, (key, got)
+        assert got[0].v6only is v6only, key
+        assert got[0].inode == os.fstat(s.fileno()).st_ino, key
+        assert got[0].family == (6 if ":" in address else 4)
+
+
+def test_netlink_ignores_established_connections(listen):
+    server = listen("127.0.0.1")
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    try:
+        ports = {s.port for s in netlink.list_sockets()}
+        assert port(server) in ports
+        assert client.getsockname()[1] not in ports  # the client's ephemeral port
+    finally:
+        client.close()
+        accepted.close()
+
+
+def test_netlink_and_psutil_agree(opened):
+    def key_set(sockets):
+        return {(s.protocol, s.address, s.port) for s in sockets}
+
+    mine = {port(s) for s in opened.values()}
+    via_netlink = {k for k in key_set(netlink.list_sockets()) if k[2] in mine}
+    via_psutil = {k for k in key_set(psutil_backend.list_sockets()[0]) if k[2] in mine}
+    assert via_netlink == via_psutil
+    assert len(via_netlink) == len(opened)
+
+
+def test_resolver_finds_own_process_and_caches(opened):
+    wanted = {os.fstat(s.fileno()).st_ino for s in opened.values()}
+    resolver = InodeResolver()
+    first = resolver.resolve(wanted)
+    assert set(first.owners) == wanted
+    assert {p.pid for p in first.owners.values()} == {os.getpid()}
+    second = resolver.resolve(wanted)  # served from the cache, confirmed by readlink
+    assert second.owners == first.owners
+    assert not second.errors
+
+
+def test_resolver_forgets_closed_sockets(listen):
+    a, b = listen("127.0.0.1"), listen("127.0.0.1")
+    ia, ib = os.fstat(a.fileno()).st_ino, os.fstat(b.fileno()).st_ino
+    resolver = InodeResolver()
+    assert set(resolver.resolve({ia, ib}).owners) == {ia, ib}
+    b.close()
+    assert set(resolver.resolve({ia}).owners) == {ia}
+    assert set(resolver._where) == {ia}
+
+
+def test_resolver_counts_unreadable_fd_tables(tmp_path):
+    """A fake /proc where one process hides its fds: the socket stays unattributed."""
+    for pid, fds in (("100", {"3": "socket:[111]"}), ("200", None)):
+        d = tmp_path / pid
+        (d / "fd").mkdir(parents=True)
+        (d / "comm").write_text("app\n")
+        (d / "cmdline").write_bytes(b"app\0--flag\0")
+        for fd, target in (fds or {}).items():
+            os.symlink(target, d / "fd" / fd)
+        if fds is None:
+            (d / "fd").chmod(0)
+    resolver = InodeResolver(proc=str(tmp_path))
+    result = resolver.resolve({111, 222})
+    assert result.owners[111].name == "app"
+    assert result.owners[111].cmdline == ("app", "--flag")
+    if os.geteuid() != 0:  # root reads a 000 directory anyway
+        assert result.errors["process_attribution"] == 1
+    assert 222 not in result.owners
+
+
+def test_resolver_survives_a_vanished_process(tmp_path):
+    d = tmp_path / "300"
+    (d / "fd").mkdir(parents=True)
+    os.symlink("socket:[333]", d / "fd" / "4")  # no comm: exited between the two reads
+    result = InodeResolver(proc=str(tmp_path)).resolve({333})
+    assert result.owners == {}
+    assert result.errors["proc_vanished"] == 1
