@@ -6,11 +6,12 @@ import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from bindscope import __version__
-from bindscope.model import Exposure, Protocol, Snapshot, Status
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
+
+from bindscope import __version__
+from bindscope.model import Exposure, Protocol, Snapshot, Status
 
 # listed at 0 from the start, so rate() and alerts see a series before the first error
 ERROR_SOURCES = ("scan", "proc", "proc_vanished", "process_attribution", "interfaces")

@@ -17,8 +17,9 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import yaml
-from bindscope.model import HOST_NETNS, Exposure, Listener, Protocol, ServiceSpec
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from bindscope.model import HOST_NETNS, Exposure, Listener, Protocol, ServiceSpec
 
 _T = TypeVar("_T")
 

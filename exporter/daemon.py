@@ -11,10 +11,6 @@ import logging
 import threading
 import time
 
-from bindscope.collector import ReloadState, RuntimeCollector, render
-from bindscope.config import Config, ConfigError, load_config
-from bindscope.model import Snapshot, Status
-from bindscope.scan import Scanner
 from prometheus_client import (
     CollectorRegistry,
     GCCollector,
@@ -22,6 +18,11 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+from bindscope.collector import ReloadState, RuntimeCollector, render
+from bindscope.config import Config, ConfigError, load_config
+from bindscope.model import Snapshot, Status
+from bindscope.scan import Scanner
 
 log = logging.getLogger("bindscope.daemon")
 
@@ -76,7 +77,10 @@ class Daemon:
     def _loop(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
-            self.scan_once()
+            try:
+                self.scan_once()
+            except Exception:  # a bug in one scan must not stop every later one
+                log.exception("scan failed")
             interval = self._config.scan_interval
             self._wake.wait(max(0.0, started + interval - time.monotonic()))
             self._wake.clear()

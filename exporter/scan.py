@@ -132,12 +132,17 @@ class Scanner:
         owners = {}
         for s in sockets:
             pid = pids.get((s.protocol.value, s.address, s.port))
-            if pid is not None:
+            if pid is None:
+                continue
+            try:
                 info = read_process(pid)
-                if info is None:
-                    self.error("proc_vanished", f"pid {pid}")
-                else:
-                    owners[s] = info
+            except OSError as e:
+                self.error("proc", f"pid {pid}: {e}")
+                continue
+            if info is None:
+                self.error("proc_vanished", f"pid {pid}")
+            else:
+                owners[s] = info
         return sockets, owners
 
     def _probe(

@@ -1,6 +1,7 @@
 """Scope and exposure: table tests over every scope, family and v6only case."""
 
 import pytest
+
 from bindscope.classify import exposure_of, host_address, reachable_addresses, scope_of
 from bindscope.model import Exposure, Protocol, Scope, Socket
 

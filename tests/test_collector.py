@@ -6,6 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import require_binary
+from prometheus_client import CollectorRegistry, generate_latest
+
 from bindscope.collector import ReloadState, RuntimeCollector, SnapshotCollector, render
 from bindscope.model import (
     Exposure,
@@ -21,8 +24,6 @@ from bindscope.model import (
     Status,
     Verdict,
 )
-from conftest import require_binary
-from prometheus_client import CollectorRegistry, generate_latest
 
 GOLDEN = Path(__file__).parent / "fixtures" / "snapshot.prom"
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from bindscope.config import (
     Config,
     ConfigError,
@@ -33,8 +36,6 @@ from bindscope.model import (
     ServiceSpec,
     Socket,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 DOCS = Path(__file__).parent.parent / "docs" / "config.md"

@@ -4,6 +4,7 @@ import os
 import socket
 
 import pytest
+
 from bindscope.discover import netlink, psutil_backend
 from bindscope.discover.processes import InodeResolver
 from bindscope.model import Protocol

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+
 from bindscope.config import IgnoreRule
 from bindscope.judge import judge, status_of, unexpected
 from bindscope.model import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import psutil
+
 from bindscope.classify import host_address
 
 _FAMILIES = {socket.AF_INET: 4, socket.AF_INET6: 6}

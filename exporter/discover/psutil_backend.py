@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 
 import psutil
+
 from bindscope.model import HOST_NETNS, Protocol, Socket
 
 
