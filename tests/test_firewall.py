@@ -1,0 +1,311 @@
+"""The firewall evaluator against rulesets recorded from nft and iptables (fixtures/firewall)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import require_binary, require_root
+
+from bindscope.firewall import (
+    Decision,
+    FirewallVerdict,
+    closing_command,
+    evaluate,
+    generation_id,
+    opening_command,
+    parse_iptables_save,
+    parse_nft_json,
+    read_ruleset,
+)
+
+FIX = Path(__file__).parent / "fixtures" / "firewall"
+ACCEPT, DROP, UNKNOWN = FirewallVerdict.ACCEPT, FirewallVerdict.DROP, FirewallVerdict.UNKNOWN
+H4, H6 = "198.51.100.1", "2001:db8::1"
+
+
+def load(name: str):
+    if name == "legacy":
+        return parse_iptables_save(
+            (FIX / "legacy.save4").read_text(), (FIX / "legacy.save6").read_text()
+        )
+    rs = parse_nft_json((FIX / f"{name}.json").read_text())
+    if (FIX / f"{name}.save4").exists():
+        # What read_ruleset does when nft shows iptables extensions as opaque "xt".
+        saved = parse_iptables_save(
+            (FIX / f"{name}.save4").read_text(),
+            (FIX / f"{name}.save6").read_text(),
+            backend="iptables-nft",
+        )
+        rs = rs.replace_tables(saved)
+    return rs
+
+
+# fixture, protocol, family, daddr, port, verdict, restricted, text in rule or reason
+CASES = [
+    ("empty", "tcp", 4, H4, 5000, ACCEPT, False, "no filter"),
+    ("inet_drop", "tcp", 4, H4, 5000, DROP, False, "policy drop"),
+    ("inet_drop", "tcp", 4, H4, 22, ACCEPT, False, 'tcp dport 22 counter accept comment "ssh"'),
+    ("inet_drop", "tcp", 4, H4, 443, ACCEPT, False, "tcp dport { 80, 443 } accept"),
+    ("inet_drop", "tcp", 4, H4, 8443, ACCEPT, False, "tcp dport @web_ports accept"),
+    ("inet_drop", "udp", 4, H4, 5010, ACCEPT, False, "udp dport 5000-5010 accept"),
+    ("inet_drop", "tcp", 4, H4, 5005, DROP, False, "policy drop"),
+    ("inet_drop", "tcp", 4, H4, 9009, ACCEPT, False, "tcp dport 9000-9009 accept"),
+    ("inet_drop", "tcp", 4, H4, 9100, DROP, False, "tcp dport 9100 reject"),
+    ("inet_drop", "udp", 4, H4, 5353, ACCEPT, False, "ip protocol udp udp dport 5353"),
+    ("inet_drop", "udp", 6, H6, 5353, DROP, False, "policy drop"),
+    ("inet_drop", "tcp", 4, H4, 7777, DROP, False, "policy drop"),
+    ("inet_drop", "tcp", 4, H4, 6000, ACCEPT, False, "tcp dport 6000 accept"),
+    ("inet_drop", "tcp", 4, H4, 6002, DROP, False, "tcp dport 6002 drop"),
+    ("inet_drop", "udp", 4, H4, 6001, DROP, False, "policy drop"),
+    ("inet_drop", "tcp", 4, H4, 6001, ACCEPT, False, "tcp dport 6001 accept"),
+    ("inet_drop", "tcp", 4, H4, 5432, ACCEPT, True, "ip saddr @trusted4 accept"),
+    ("inet_drop", "tcp", 6, H6, 5432, ACCEPT, True, "ip6 saddr 2001:db8::/64 accept"),
+    ("inet_drop", "tcp", 4, H4, 7200, ACCEPT, False, "vmap { 7200 : accept, 7201 : drop }"),
+    ("inet_drop", "tcp", 4, H4, 7201, DROP, False, "vmap { 7200 : accept, 7201 : drop }"),
+    ("inet_drop", "tcp", 4, "198.51.100.10", 8000, ACCEPT, False, "ip daddr 198.51.100.10"),
+    ("inet_drop", "tcp", 4, H4, 8000, DROP, False, "policy drop"),
+    ("inet_drop", "tcp", 6, "2001:db8::10", 8000, ACCEPT, False, "ip6 daddr 2001:db8::10"),
+    ("inet_drop", "tcp", 4, H4, 8001, ACCEPT, False, "ct state new tcp dport 8001 accept"),
+    ("inet_drop", "tcp", 4, H4, 2999, ACCEPT, False, "tcp dport != 1-1024 tcp dport < 3000"),
+    ("inet_drop", "tcp", 4, H4, 1024, DROP, False, "policy drop"),
+    ("priorities", "tcp", 4, H4, 5000, DROP, False, "tcp dport 5000 drop"),
+    ("priorities", "tcp", 6, H6, 5000, ACCEPT, False, "tcp dport 5000 accept"),
+    ("priorities", "tcp", 4, H4, 5001, DROP, False, "tcp dport 5001 drop"),
+    ("priorities", "tcp", 4, H4, 5002, ACCEPT, False, "policy accept"),
+    ("priorities", "tcp", 6, H6, 5002, DROP, False, "tcp dport 5002 drop"),
+    ("unknown", "tcp", 4, H4, 9100, UNKNOWN, False, "meta mark 1: not modelled"),
+    ("unknown", "tcp", 4, H4, 9200, UNKNOWN, False, "meta mark 1: not modelled"),
+    ("unknown", "tcp", 4, H4, 9300, UNKNOWN, False, "limit rate 10/second: not modelled"),
+    ("unknown", "tcp", 4, H4, 9400, UNKNOWN, False, "ip saddr . tcp dport"),
+    ("unknown", "tcp", 4, H4, 9500, UNKNOWN, False, "meta cpu 0: not modelled"),
+    ("unknown", "tcp", 4, H4, 9600, DROP, False, "policy drop"),
+    ("unknown", "tcp", 4, H4, 22, ACCEPT, False, "tcp dport 22 accept"),
+    ("unknown", "udp", 6, H6, 80, UNKNOWN, False, "meta mark 2: not modelled"),
+    ("unknown", "tcp", 6, H6, 80, ACCEPT, True, "meta mark 2: not modelled"),
+    ("prerouting", "tcp", 4, H4, 23, DROP, False, "tcp dport 23 drop"),
+    ("prerouting", "tcp", 4, H4, 25, DROP, False, "tcp dport 25 drop"),
+    ("prerouting", "tcp", 4, H4, 22, ACCEPT, False, "policy accept"),
+    ("prerouting", "udp", 4, H4, 53, UNKNOWN, False, "notrack"),
+    ("prerouting", "tcp", 4, H4, 8080, ACCEPT, True, "dnat"),
+    ("firewalld", "tcp", 4, H4, 5000, ACCEPT, False, "tcp dport 5000 ct state { new, untracked }"),
+    ("firewalld", "tcp", 6, H6, 22, ACCEPT, False, "tcp dport 22 ct state { new, untracked }"),
+    ("firewalld", "tcp", 4, H4, 5432, ACCEPT, True, "ip saddr 10.0.0.0/8 tcp dport 5432"),
+    ("firewalld", "tcp", 4, H4, 8080, ACCEPT, True, "other sources or interfaces are dropped"),
+    ("iptables_nft", "tcp", 4, H4, 8010, ACCEPT, False, "--dports 80,443,8000:8010 -j ACCEPT"),
+    ("iptables_nft", "tcp", 4, H4, 5000, ACCEPT, False, "-A SERVICES -p tcp -m tcp --dport 5000"),
+    ("iptables_nft", "udp", 4, H4, 5353, DROP, False, "policy drop"),
+    ("iptables_nft", "tcp", 4, H4, 5432, ACCEPT, True, "-s 10.0.0.0/8"),
+    ("iptables_nft", "tcp", 4, H4, 6000, DROP, False, "-j REJECT --reject-with tcp-reset"),
+    ("iptables_nft", "tcp", 4, H4, 2222, UNKNOWN, False, "iptables extension recent"),
+    ("iptables_nft", "tcp", 4, H4, 3999, ACCEPT, False, "--dport 3000:3999 -j ACCEPT"),
+    ("iptables_nft", "tcp", 6, H6, 5000, ACCEPT, True, "! -i eth0"),
+    ("iptables_nft", "tcp", 6, H6, 80, DROP, False, "policy drop"),
+    ("ufw", "tcp", 4, H4, 5000, ACCEPT, False, "-A ufw-user-input -p tcp -m tcp --dport 5000"),
+    ("ufw", "tcp", 4, H4, 9999, DROP, False, "policy drop"),
+    ("ufw", "tcp", 4, H4, 8080, DROP, False, "--dport 8080 -j DROP"),
+    ("ufw", "tcp", 4, H4, 5432, ACCEPT, True, "-s 10.0.0.0/8"),
+    ("ufw", "tcp", 4, H4, 2200, UNKNOWN, False, "iptables extension recent"),
+    ("ufw", "udp", 6, H6, 5353, DROP, False, "policy drop"),
+    ("legacy", "tcp", 4, H4, 5000, ACCEPT, False, "-A SERVICES -p tcp -m tcp --dport 5000"),
+    ("legacy", "tcp", 4, H4, 5433, ACCEPT, True, "--dport 5433 -j ACCEPT"),
+    ("legacy", "tcp", 6, H6, 5000, DROP, False, "--dport 5000 -j DROP"),
+    ("legacy", "udp", 6, "2001:db8::10", 53, DROP, False, "-d 2001:db8::10/128"),
+    ("legacy", "udp", 6, H6, 53, ACCEPT, False, "policy accept"),
+]
+IDS = [f"{c[0]}-{c[1]}{c[2]}-{c[4]}-{c[5].value}{'-restricted' if c[6] else ''}" for c in CASES]
+
+
+@pytest.mark.parametrize(
+    ("name", "proto", "family", "daddr", "port", "verdict", "restricted", "text"), CASES, ids=IDS
+)
+def test_evaluate(name, proto, family, daddr, port, verdict, restricted, text):
+    d = evaluate(load(name), proto, family, daddr, port)
+    assert (d.verdict, d.restricted) == (verdict, restricted), d
+    assert text in d.rule + " | " + d.reason, d
+    if verdict is UNKNOWN:
+        assert d.reason
+
+
+@pytest.mark.parametrize(
+    ("name", "port", "verdict"),
+    [
+        ("inet_drop", 7777, ACCEPT),
+        ("inet_drop", 5000, ACCEPT),
+        ("ufw", 9999, ACCEPT),
+        ("priorities", 5000, DROP),
+    ],
+    ids=["iif-lo-rule", "lo-accept", "ufw-lo-accept", "drop-not-about-lo"],
+)
+def test_from_loopback(name, port, verdict):
+    assert evaluate(load(name), "tcp", 4, H4, port, from_loopback=True).verdict is verdict
+
+
+def test_decision_names_table_chain_and_handle():
+    d = evaluate(load("inet_drop"), "tcp", 4, H4, 6002)
+    assert (d.family, d.table, d.chain, d.backend) == ("inet", "filter", "services", "nft")
+    assert isinstance(d.handle, int)
+
+
+def test_unreadable_ruleset_is_unknown():
+    d = evaluate(None, "tcp", 4, H4, 22)
+    assert d.verdict is UNKNOWN and d.reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "{}", "not json", '{"nftables": 3}'],
+    ids=["empty", "no-key", "garbage", "wrong-type"],
+)
+def test_parse_rejects_what_is_not_nft_json(text):
+    with pytest.raises(ValueError):
+        parse_nft_json(text)
+
+
+class FakeRunner:
+    """Answers commands from a table; records what was run."""
+
+    def __init__(self, answers: dict[str, tuple[int, str, str] | Exception]) -> None:
+        self.answers = answers
+        self.calls: list[list[str]] = []
+
+    def __call__(self, cmd, **kw):
+        self.calls.append(cmd)
+        tool = next(c for c in cmd if not c.startswith(("nsenter", "--")))
+        answer = self.answers[tool]
+        if isinstance(answer, Exception):
+            raise answer
+        rc, out, err = answer
+        return subprocess.CompletedProcess(cmd, rc, out, err)
+
+
+def test_read_takes_iptables_nft_tables_from_iptables_save():
+    runner = FakeRunner(
+        {
+            "nft": (0, (FIX / "ufw.json").read_text(), ""),
+            "iptables-nft-save": (0, (FIX / "ufw.save4").read_text(), ""),
+            "ip6tables-nft-save": (0, (FIX / "ufw.save6").read_text(), ""),
+        }
+    )
+    rs, err = read_ruleset("/run/netns/x", runner=runner, legacy=False)
+    assert err == ""
+    assert runner.calls[0] == [
+        "nsenter",
+        "--net=/run/netns/x",
+        "--",
+        "nft",
+        "-j",
+        "list",
+        "ruleset",
+    ]
+    d = evaluate(rs, "tcp", 4, H4, 5000)
+    assert (d.verdict, d.backend, d.manager) == (ACCEPT, "iptables-nft", "ufw")
+
+
+def test_read_adds_legacy_tables():
+    runner = FakeRunner(
+        {
+            "nft": (0, (FIX / "empty.json").read_text(), ""),
+            "iptables-legacy-save": (0, (FIX / "legacy.save4").read_text(), ""),
+            "ip6tables-legacy-save": (0, (FIX / "legacy.save6").read_text(), ""),
+        }
+    )
+    rs, err = read_ruleset(runner=runner, legacy=True)
+    assert err == ""
+    d = evaluate(rs, "tcp", 4, H4, 9999)
+    assert (d.verdict, d.backend, d.rule) == (DROP, "iptables-legacy", "policy drop")
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (
+            (1, "", "netlink: Error: cache initialization failed: Operation not permitted\n"),
+            "nft: netlink: Error: cache initialization failed: Operation not permitted",
+        ),
+        (FileNotFoundError(2, "No such file", "nft"), "nft: not installed (nft)"),
+        (subprocess.TimeoutExpired("nft", 5.0), "nft: no answer in 5.0s"),
+        ((0, "garbage", ""), "not nft JSON output"),
+    ],
+    ids=["no-cap-net-admin", "not-installed", "timeout", "bad-output"],
+)
+def test_read_failure_is_an_error_string(answer, error):
+    rs, err = read_ruleset(runner=FakeRunner({"nft": answer}), legacy=False)
+    assert rs is None
+    assert error in err
+
+
+@pytest.mark.parametrize(
+    ("name", "proto", "port", "opening", "closing"),
+    [
+        ("ufw", "tcp", 9999, "ufw allow 9999/tcp", ""),
+        ("ufw", "tcp", 5000, "", "ufw deny 5000/tcp"),
+        (
+            "firewalld",
+            "tcp",
+            5000,
+            "",
+            "firewall-cmd --permanent --zone=public "
+            "--remove-port=5000/tcp && firewall-cmd --reload",
+        ),
+        ("inet_drop", "udp", 5353, "", "nft insert rule inet filter input udp dport 5353 drop"),
+        ("inet_drop", "tcp", 5000, "nft insert rule inet filter input tcp dport 5000 accept", ""),
+        ("legacy", "tcp", 9999, "iptables -I INPUT -p tcp --dport 9999 -j ACCEPT", ""),
+        ("unknown", "tcp", 9100, "", ""),
+    ],
+    ids=[
+        "ufw-open",
+        "ufw-close",
+        "firewalld-close",
+        "nft-close",
+        "nft-open",
+        "iptables-open",
+        "unknown-nothing",
+    ],
+)
+def test_commands(name, proto, port, opening, closing):
+    d = evaluate(load(name), proto, 4, H4, port)
+    assert opening_command(d, proto, port) == opening
+    assert closing_command(d, proto, port) == closing
+
+
+@pytest.mark.parametrize(
+    ("decision", "command"),
+    [
+        (Decision(DROP, rule="policy drop"), "iptables -I INPUT -p udp --dport 53 -j ACCEPT"),
+        (
+            Decision(DROP, "firewalld", "filter_INPUT", family="inet", manager="firewalld"),
+            "firewall-cmd --permanent --add-port=53/udp && firewall-cmd --reload",
+        ),
+    ],
+    ids=["no-table", "firewalld-default-zone"],
+)
+def test_opening_without_a_rule_to_point_at(decision, command):
+    # firewalld's fixture accepts everything on its trusted eth1, so it never drops.
+    assert opening_command(decision, "udp", 53) == command
+
+
+@pytest.mark.root
+def test_real_ruleset_matches_a_real_connection(two_hosts):
+    """Read a namespace's rules with nft and check the verdicts against real connects.
+
+    Nothing listens: an accepted SYN is answered by a reset ("refused"), a dropped one
+    times out.
+    """
+    require_root()
+    require_binary("nft", "nsenter")
+    two_hosts.exec(two_hosts.server, "nft", "-f", str(FIX / "src" / "inet_drop.nft"))
+    rs, err = read_ruleset(f"/run/netns/{two_hosts.server}", legacy=False)
+    assert err == "" and rs is not None
+    for port, verdict, outcome in ((22, ACCEPT, "refused"), (5000, DROP, "timed out")):
+        assert evaluate(rs, "tcp", 4, two_hosts.SERVER4, port).verdict is verdict
+        assert outcome in two_hosts.connect(two_hosts.SERVER4, port, timeout=1.0)
+
+
+@pytest.mark.root
+def test_generation_id_answers_without_a_subprocess():
+    require_root()
+    first = generation_id()
+    assert isinstance(first, int)
+    assert generation_id() >= first  # each committed change moves it forward
