@@ -243,10 +243,15 @@ class TwoHosts:
     SERVER4, CLIENT4 = "198.51.100.1", "198.51.100.2"
     SERVER6, CLIENT6 = "2001:db8::1", "2001:db8::2"
 
-    def __init__(self, tag: str) -> None:
-        self.server = f"bss-{tag}"
-        self.client = f"bsc-{tag}"
-        self._veth = f"bsv-{tag}"[:14]
+    _made = 0
+
+    def __init__(self) -> None:
+        # the creating pid is in the name, so a later run removes only what a dead run left
+        TwoHosts._made += 1
+        pid = os.getpid()
+        self.server = f"bss-{pid}-{self._made}"
+        self.client = f"bsc-{pid}-{self._made}"
+        self._veth = f"bv{pid}x{self._made}"[:14]
 
     def create(self) -> None:
         run("ip", "netns", "add", self.server)
@@ -320,7 +325,7 @@ class TwoHosts:
 def two_hosts() -> Iterator[TwoHosts]:
     require_root()
     require_binary("ip")
-    hosts = TwoHosts(f"{os.getpid() % 10000}{int(time.time() * 1000) % 1000}")
+    hosts = TwoHosts()
     try:
         hosts.create()
         yield hosts
@@ -335,7 +340,9 @@ def _leftover_namespaces() -> Iterator[None]:
         out = run("ip", "netns", "list", check=False).stdout
         for line in out.splitlines():
             name = line.split()[0] if line.split() else ""
-            if name.startswith(("bss-", "bsc-")):
+            parts = name.split("-")
+            if (name.startswith(("bss-", "bsc-")) and len(parts) == 3 and parts[1].isdigit()
+                    and not Path(f"/proc/{parts[1]}").exists()):
                 run("ip", "netns", "del", name, check=False)
     yield
 
