@@ -16,6 +16,9 @@ if [ "$(id -u)" = 0 ]; then
     command -v nft >/dev/null || need+=(nftables)
     command -v iptables >/dev/null || need+=(iptables)
     command -v setpriv >/dev/null || need+=(util-linux)
+    command -v nsenter >/dev/null || need+=(util-linux)
+    command -v kubectl >/dev/null || need+=(kubernetes-client)
+    command -v systemd-analyze >/dev/null || need+=(systemd)
     if [ ${#need[@]} -gt 0 ]; then
         echo "run.sh: installing from Debian: ${need[*]}"
         apt-get update -qq
