@@ -110,14 +110,13 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     security = None
     if args.web_config:
-        from bindscope.webconfig import WebConfigError, WebConfigWatcher, load_web_config
+        from bindscope.webconfig import WebConfigError, WebConfigWatcher
 
         try:
-            load_web_config(args.web_config)
+            security = WebConfigWatcher(args.web_config)
         except WebConfigError as e:
             print(e, file=sys.stderr)
             return EXIT_USAGE
-        security = WebConfigWatcher(args.web_config)
 
     scanner = Scanner(backend=args.backend, max_listeners=args.max_listeners)
     daemon = Daemon(config, args.config_file, scanner, args.telemetry_path, args.max_listeners)
