@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
-from bindscope.model import Exposure, HostAddress, Scope, Socket
+from bindscope.model import Exposure, Firewall, HostAddress, Scope, Socket
 
 _SCOPE_EXPOSURE = {
     Scope.LOOPBACK: Exposure.LOOPBACK,
@@ -71,7 +71,50 @@ def reachable_addresses(sock: Socket, addresses: Iterable[HostAddress]) -> list[
     if scope is Scope.WILDCARD:
         families = accepted_families(sock)
         return [a for a in addresses if a.family in families]
-    target = ipaddress.ip_address(sock.address)
-    if isinstance(target, ipaddress.IPv6Address) and target.ipv4_mapped is not None:
-        target = target.ipv4_mapped
-    return [a for a in addresses if ipaddress.ip_address(a.address) == target]
+    target = _canonical(sock.address)
+    return [a for a in addresses if _canonical(a.address) == target]
+
+
+@lru_cache(maxsize=4096)
+def _canonical(address: str) -> str:
+    """One spelling per address, IPv4-mapped IPv6 as its IPv4; cached: every scan asks
+    for every socket and address again, and parsing is the costly part."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def accepts_on(sock: Socket, address: str) -> bool:
+    """Whether a connection to `address` (one of the namespace's) reaches the socket."""
+    family = 6 if ":" in address else 4
+    target = host_address("", address, family)
+    return bool(reachable_addresses(sock, [target]))
+
+
+def after_firewall(
+    sock: Socket,
+    addresses: Iterable[HostAddress],
+    decide: Callable[[HostAddress], Firewall],
+) -> tuple[Firewall | None, Exposure]:
+    """What the packet filter leaves of a socket's exposure.
+
+    `decide` answers for a new connection from another host to one address. The
+    socket's verdict is accept if any address accepts, drop if every one drops, else
+    unknown; an unknown address counts as reachable, so over-exposure is never hidden.
+    None when the socket is reachable on no address beyond loopback.
+    """
+    outside = [a for a in reachable_addresses(sock, addresses) if a.scope is not Scope.LOOPBACK]
+    if not outside:
+        return None, exposure_of(sock, addresses)
+    verdicts = {a: decide(a) for a in outside}
+    effective = Exposure.LOOPBACK
+    for a, v in verdicts.items():
+        if v is not Firewall.DROP:
+            effective = max(effective, _SCOPE_EXPOSURE[a.scope])
+    seen = set(verdicts.values())
+    if Firewall.ACCEPT in seen:
+        return Firewall.ACCEPT, effective
+    if seen == {Firewall.DROP}:
+        return Firewall.DROP, effective
+    return Firewall.UNKNOWN, effective

@@ -81,6 +81,30 @@ def exporter_parser() -> argparse.ArgumentParser:
         help="most bindscope_listener_info series exported (0: no limit)",
     )
     p.add_argument(
+        "--collector.namespaces",
+        dest="namespaces",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="scan every network namespace in view (containers, ip netns), not only the "
+        "exporter's own; needs CAP_SYS_ADMIN, or CAP_SYS_PTRACE for the slower fallback",
+    )
+    p.add_argument(
+        "--collector.firewall",
+        dest="firewall",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read each namespace's packet filter (nftables, iptables) to tell what other "
+        "hosts can reach; needs CAP_NET_ADMIN",
+    )
+    p.add_argument(
+        "--collector.published-ports",
+        dest="published",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="follow ports published by NAT (Docker, Podman, Kubernetes) into their "
+        "namespace; needs CAP_NET_ADMIN",
+    )
+    p.add_argument(
         "--discovery.backend",
         dest="backend",
         default="auto",
@@ -118,7 +142,13 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
             print(e, file=sys.stderr)
             return EXIT_USAGE
 
-    scanner = Scanner(backend=args.backend, max_listeners=args.max_listeners)
+    scanner = Scanner(
+        backend=args.backend,
+        max_listeners=args.max_listeners,
+        namespaces=args.namespaces,
+        firewall=args.firewall,
+        published=args.published,
+    )
     daemon = Daemon(config, args.config_file, scanner, args.telemetry_path, args.max_listeners)
     endpoints = Endpoints(
         metrics=daemon.metrics,

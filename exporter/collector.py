@@ -11,10 +11,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from bindscope import __version__
-from bindscope.model import Exposure, Protocol, Snapshot, Status
+from bindscope.judge import worst_published
+from bindscope.model import Exposure, Protocol, PublishedStatus, Snapshot, Status
 
 # listed at 0 from the start, so rate() and alerts see a series before the first error
-ERROR_SOURCES = ("scan", "proc", "proc_vanished", "process_attribution", "interfaces")
+ERROR_SOURCES = (
+    "scan",
+    "proc",
+    "proc_vanished",
+    "process_attribution",
+    "interfaces",
+    "netns",
+    "firewall",
+    "nat",
+)
 
 
 class SnapshotCollector(Collector):
@@ -33,6 +43,7 @@ class SnapshotCollector(Collector):
             return
         yield from self._services(snap)
         yield from self._listeners(snap)
+        yield from self._published(snap)
         yield from self._scan(snap)
 
     def _services(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
@@ -49,8 +60,14 @@ class SnapshotCollector(Collector):
         status = GaugeMetricFamily(
             "bindscope_service_status",
             "Verdict for each declared service, one-hot: ok, "
-            "not_listening, loopback_only, overexposed, wrong_process, process_unknown.",
+            "not_listening, loopback_only, overexposed, wrong_process, process_unknown, blocked.",
             labels=["service", "status"],
+        )
+        effective = GaugeMetricFamily(
+            "bindscope_service_effective_exposure",
+            "Who can reach the service after the firewall, one-hot: none, loopback, private, "
+            "public. Equal to bindscope_service_exposure when the firewall is not read.",
+            labels=["service", "exposure"],
         )
         exposure = GaugeMetricFamily(
             "bindscope_service_exposure",
@@ -76,10 +93,11 @@ class SnapshotCollector(Collector):
                 status.add_metric([s.name, st.value], float(v.status is st))
             for ex in Exposure:
                 exposure.add_metric([s.name, ex.value], float(v.exposure is ex))
+                effective.add_metric([s.name, ex.value], float(v.effective_exposure is ex))
             for p in v.probes:
                 success.add_metric([s.name, p.address], float(p.success))
                 duration.add_metric([s.name, p.address], p.duration)
-        yield from (info, listening, status, exposure, success, duration)
+        yield from (info, listening, status, exposure, effective, success, duration)
 
     def _listeners(self, snap: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         info = GaugeMetricFamily(
@@ -157,6 +175,87 @@ class SnapshotCollector(Collector):
                 seen.add(labels)
                 strays.add_metric(list(labels), 1)
         yield strays
+        fw = GaugeMetricFamily(
+            "bindscope_listener_firewall_info",
+            "What the packet filter does to a new connection from another host to a listener "
+            "reachable beyond loopback: accept (on some address), drop (on every one) or "
+            "unknown. Always 1.",
+            labels=["protocol", "address", "port", "netns", "verdict"],
+        )
+        seen.clear()
+        for lst in snap.listeners:
+            if lst.firewall is None:
+                continue
+            s = lst.socket
+            labels = (s.protocol.value, s.address, str(s.port), s.netns, lst.firewall.value)
+            if labels not in seen:
+                seen.add(labels)
+                fw.add_metric(list(labels), 1)
+        yield fw
+
+    def _published(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
+        info = GaugeMetricFamily(
+            "bindscope_published_port_info",
+            "A host port that NAT forwards into a container or namespace. Always 1.",
+            labels=[
+                "container",
+                "protocol",
+                "host_address",
+                "host_port",
+                "target_address",
+                "target_port",
+            ],
+        )
+        probe = GaugeMetricFamily(
+            "bindscope_published_port_probe_success",
+            "1 if a TCP connect from the host to the published port's target succeeded.",
+            labels=["container", "protocol", "host_port", "target_address", "target_port"],
+        )
+        seen: set[tuple[str, ...]] = set()
+        for p in snap.published:
+            labels = (
+                p.container,
+                p.protocol.value,
+                p.host_address,
+                str(p.host_port),
+                p.target_address,
+                str(p.target_port),
+            )
+            if labels in seen:
+                continue
+            seen.add(labels)
+            info.add_metric(list(labels), 1)
+            if p.probe is not None:
+                probe.add_metric(
+                    [
+                        p.container,
+                        p.protocol.value,
+                        str(p.host_port),
+                        p.target_address,
+                        str(p.target_port),
+                    ],
+                    float(p.probe.success),
+                )
+        status = GaugeMetricFamily(
+            "bindscope_published_port_status",
+            "Whether a published port leads to a listener, one-hot: ok, not_listening, "
+            "loopback_only (inside, the app listens on loopback only).",
+            labels=["container", "protocol", "host_port", "status"],
+        )
+        for (container, protocol, host_port), p in worst_published(snap.published).items():
+            for st in PublishedStatus:
+                status.add_metric(
+                    [container, protocol, str(host_port), st.value], float(p.status is st)
+                )
+        yield from (info, status, probe)
+        kinds = GaugeMetricFamily(
+            "bindscope_network_namespaces",
+            "Network namespaces scanned, by kind: host, container, named (ip netns), other.",
+            labels=["kind"],
+        )
+        for kind in ("host", "container", "named", "other"):
+            kinds.add_metric([kind], snap.namespaces.get(kind, 0))
+        yield kinds
 
     def _scan(self, snap: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield GaugeMetricFamily(

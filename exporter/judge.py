@@ -1,25 +1,31 @@
 """Declared services + classified listeners -> one verdict per service. Pure functions.
 
 Precedence when several things are wrong at once: not_listening, then overexposed (a
-security problem outranks an availability one), loopback_only, wrong_process,
-process_unknown, ok.
+security problem outranks an availability one), loopback_only, blocked, wrong_process,
+process_unknown, ok. Over-exposure is judged on what really reaches the socket (bind
+scope and firewall together); a wide bind narrowed by the firewall alone is not an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
+from bindscope.classify import accepts_on
 from bindscope.config import IgnoreRule
 from bindscope.model import (
     HOST_NETNS,
     Exposure,
     Listener,
     Protocol,
+    Published,
+    PublishedStatus,
+    Scope,
     ServiceSpec,
     Status,
     Verdict,
 )
+from bindscope.published import PublishedPort
 
 OWN_SERVICE = "bindscope"
 
@@ -38,16 +44,19 @@ def claims(spec: ServiceSpec, listener: Listener) -> bool:
 
 
 def status_of(spec: ServiceSpec, listeners: Sequence[Listener]) -> tuple[Status, Exposure]:
-    """The verdict for one service given the listeners it claims."""
+    """The verdict for one service given the listeners it claims, and its bind exposure."""
     if not listeners:
         return Status.NOT_LISTENING, Exposure.NONE
     exposure = max(lst.exposure for lst in listeners)
+    effective = max(lst.effective_exposure for lst in listeners)
     # expected public: anything goes; a host with only private addresses behind a
     # 1:1 NAT serves the public from a private exposure, so narrower is not an error
-    if exposure > spec.expose:
+    if effective > spec.expose:
         return Status.OVEREXPOSED, exposure
     if spec.expose > Exposure.LOOPBACK and exposure is Exposure.LOOPBACK:
         return Status.LOOPBACK_ONLY, exposure
+    if spec.expose > Exposure.LOOPBACK and effective is Exposure.LOOPBACK:
+        return Status.BLOCKED, exposure
     if spec.process is not None:
         known = [lst for lst in listeners if lst.process.known]
         if any(spec.process.search(lst.process.name) is None for lst in known):
@@ -70,10 +79,15 @@ def judge(
     specs = tuple(services)
     labelled: list[Listener] = []
     claimed: dict[str, list[Listener]] = {s.name: [] for s in specs}
+    # by port and protocol, in declaration order: a scan is O(listeners), not
+    # O(listeners x services), and the first declared match still wins
+    candidates: dict[tuple[int, Protocol], list[ServiceSpec]] = {}
+    for spec in specs:
+        candidates.setdefault((spec.port, spec.protocol), []).append(spec)
     for lst in listeners:
         name = ""
-        for spec in specs:
-            if claims(spec, lst):
+        for spec in candidates.get((lst.socket.port, lst.socket.protocol), ()):
+            if located(spec, lst):
                 name = spec.name
                 claimed[name].append(lst)
                 break
@@ -90,7 +104,16 @@ def judge(
     for spec in specs:
         mine = tuple(claimed[spec.name])
         status, exposure = status_of(spec, mine)
-        verdicts.append(Verdict(service=spec, status=status, exposure=exposure, listeners=mine))
+        effective = max((lst.effective_exposure for lst in mine), default=Exposure.NONE)
+        verdicts.append(
+            Verdict(
+                service=spec,
+                status=status,
+                exposure=exposure,
+                listeners=mine,
+                effective=effective,
+            )
+        )
     return tuple(verdicts), tuple(labelled)
 
 
@@ -103,3 +126,70 @@ def unexpected(listeners: Iterable[Listener], ignore: Sequence[IgnoreRule]) -> t
         and lst.exposure > Exposure.LOOPBACK
         and not any(rule.matches(lst) for rule in ignore)
     )
+
+
+# the seed's bug outranks a missing app: it is what every host-side tool misses
+_PUBLISHED_SEVERITY = {
+    PublishedStatus.OK: 0,
+    PublishedStatus.NOT_LISTENING: 1,
+    PublishedStatus.LOOPBACK_ONLY: 2,
+}
+
+
+def judge_published(
+    ports: Iterable[PublishedPort],
+    owners: Mapping[str, tuple[str, str]],
+    listeners: Sequence[Listener],
+) -> tuple[Published, ...]:
+    """A verdict for each published port whose target lives in a namespace on this host.
+
+    `owners` maps a namespace's address to (netns label, container name). Targets on
+    other hosts (a NodePort's pods elsewhere) are not ours to judge and are left out.
+    """
+    out = []
+    for p in ports:
+        owner = owners.get(p.target_address)
+        if owner is None:
+            continue
+        netns, container = owner
+        inside = tuple(
+            lst
+            for lst in listeners
+            if lst.socket.netns == netns
+            and lst.socket.protocol.value == p.protocol
+            and lst.socket.port == p.target_port
+        )
+        if any(accepts_on(lst.socket, p.target_address) for lst in inside):
+            status = PublishedStatus.OK
+        elif inside and all(lst.scope is Scope.LOOPBACK for lst in inside):
+            status = PublishedStatus.LOOPBACK_ONLY
+        else:
+            status = PublishedStatus.NOT_LISTENING
+        out.append(
+            Published(
+                protocol=Protocol(p.protocol),
+                host_address=p.host_address,
+                host_port=p.host_port,
+                target_address=p.target_address,
+                target_port=p.target_port,
+                status=status,
+                netns=netns,
+                container=container,
+                listeners=inside,
+            )
+        )
+    return tuple(out)
+
+
+def worst_published(published: Iterable[Published]) -> dict[tuple[str, str, int], Published]:
+    """One verdict per (container, protocol, host port): IPv4 and IPv6 rules of one
+    published port share the status series, and the worse of the two speaks for it."""
+    worst: dict[tuple[str, str, int], Published] = {}
+    for p in published:
+        key = (p.container, p.protocol.value, p.host_port)
+        if (
+            key not in worst
+            or _PUBLISHED_SEVERITY[p.status] > _PUBLISHED_SEVERITY[worst[key].status]
+        ):
+            worst[key] = p
+    return worst

@@ -68,6 +68,22 @@ class Status(enum.Enum):
     # Listening as declared, but the owner could not be read (no CAP_SYS_PTRACE):
     # a `process:` expectation can be neither confirmed nor refuted.
     PROCESS_UNKNOWN = "process_unknown"
+    # Bound wide enough, but the packet filter drops other hosts on every address.
+    BLOCKED = "blocked"
+
+
+class Firewall(enum.Enum):
+    """What the namespace's packet filter does to a new connection from another host."""
+
+    ACCEPT = "accept"
+    DROP = "drop"
+    UNKNOWN = "unknown"
+
+
+class PublishedStatus(enum.Enum):
+    OK = "ok"
+    NOT_LISTENING = "not_listening"
+    LOOPBACK_ONLY = "loopback_only"
 
 
 @dataclass(frozen=True)
@@ -123,8 +139,15 @@ class Listener:
     socket: Socket
     process: ProcessInfo
     scope: Scope
-    exposure: Exposure
+    exposure: Exposure  # from the bind address alone
     service: str = ""  # the declared service it belongs to, "bindscope" for our own
+    # None: not evaluated (loopback-only, or the firewall is not read)
+    firewall: Firewall | None = None
+    effective: Exposure | None = None  # exposure after the firewall; None: same as bind
+
+    @property
+    def effective_exposure(self) -> Exposure:
+        return self.exposure if self.effective is None else self.effective
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -160,10 +183,31 @@ class Verdict:
     exposure: Exposure
     listeners: tuple[Listener, ...] = ()
     probes: tuple[ProbeResult, ...] = ()
+    effective: Exposure | None = None  # after the firewall; None: same as exposure
+
+    @property
+    def effective_exposure(self) -> Exposure:
+        return self.exposure if self.effective is None else self.effective
 
     @property
     def listening(self) -> bool:
         return bool(self.listeners)
+
+
+@dataclass(frozen=True)
+class Published:
+    """A host port that NAT forwards into a namespace, and what listens at its target."""
+
+    protocol: Protocol
+    host_address: str  # 0.0.0.0 / :: for every host address of the family
+    host_port: int
+    target_address: str
+    target_port: int
+    status: PublishedStatus
+    netns: str = ""  # the namespace holding the target address
+    container: str = ""
+    listeners: tuple[Listener, ...] = ()  # what listens on the target port in there
+    probe: ProbeResult | None = None  # a connect to the target from the host
 
 
 @dataclass(frozen=True)
@@ -178,5 +222,7 @@ class Snapshot:
     unexpected: tuple[Listener, ...]
     host_addresses: tuple[HostAddress, ...]
     errors: dict[str, int] = field(default_factory=dict)  # cumulative, by source
+    published: tuple[Published, ...] = ()
+    namespaces: dict[str, int] = field(default_factory=dict)  # kind -> count
     backend: str = ""
     dropped_listeners: int = 0  # cumulative count of listener_info series not exported

@@ -6,46 +6,162 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 
-from bindscope.classify import exposure_of, scope_of
+from bindscope import firewall
+from bindscope.classify import after_firewall, exposure_of, host_address, scope_of
 from bindscope.config import Config
-from bindscope.discover import netlink, psutil_backend
-from bindscope.discover.addresses import host_addresses
+from bindscope.discover.inventory import Inventory, NamespaceView
+from bindscope.discover.namespaces import in_namespace
 from bindscope.discover.processes import InodeResolver, read_process
-from bindscope.judge import judge, unexpected
+from bindscope.judge import judge, judge_published, unexpected
 from bindscope.model import (
     HOST_NETNS,
     NO_PROCESS,
+    Firewall,
     HostAddress,
     Listener,
+    ProcessInfo,
     Protocol,
+    Published,
+    Scope,
     Snapshot,
     Socket,
     Verdict,
 )
 from bindscope.probe import Target, probe_all
+from bindscope.published import PublishedPort, read_published_ports
 
 log = logging.getLogger("bindscope.scan")
 
+# Without a change of the nftables generation, rules are re-read at most this often:
+# legacy iptables and docker-proxy do not move the generation.
+NETFILTER_MAX_AGE = 60.0
+
+# A namespace whose interfaces cannot be read (no CAP_SYS_ADMIN) is taken to be on a
+# private network, as container bridges are: its wildcard sockets count as private.
+_ASSUMED = (
+    host_address("", "127.0.0.1", 4),
+    host_address("", "::1", 6),
+    host_address("", "10.0.0.1", 4),
+    host_address("", "fd00::1", 6),
+)
+
+
+class _Decisions:
+    """One namespace's ruleset and the verdicts already evaluated on it.
+
+    Evaluating costs ~0.5 ms, so a verdict is kept while the ruleset stays the same;
+    only the keys used by the latest scan are kept, so memory follows the listeners.
+    """
+
+    def __init__(self, ruleset: firewall.Ruleset | None, previous: _Decisions | None) -> None:
+        self.ruleset = ruleset
+        self._old = previous._new if previous and previous.ruleset is ruleset else {}
+        self._new: dict[tuple[str, int, str, int], Firewall] = {}
+
+    def decide(self, sock: Socket, address: HostAddress) -> Firewall:
+        key = (sock.protocol.value, address.family, address.address, sock.port)
+        verdict = self._new.get(key) or self._old.get(key)
+        if verdict is None:
+            if self.ruleset is None:
+                verdict = Firewall.UNKNOWN
+            else:
+                d = firewall.evaluate(self.ruleset, key[0], key[1], key[2], key[3])
+                verdict = Firewall(d.verdict.value)
+        self._new[key] = verdict
+        return verdict
+
+
+class _Rulesets:
+    """Each namespace's parsed packet filter, re-read only when it may have changed."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[int | None, float, firewall.Ruleset | None, str]] = {}
+        self._decisions: dict[str, _Decisions] = {}
+
+    def view(self, view: NamespaceView, error: Callable[[str, str], None]) -> _Decisions:
+        ruleset, err = self._get(view)
+        if ruleset is None:
+            error("firewall", f"{view.label}: {err}")
+        decisions = _Decisions(ruleset, self._decisions.get(view.label))
+        self._decisions[view.label] = decisions
+        return decisions
+
+    def _get(self, view: NamespaceView) -> tuple[firewall.Ruleset | None, str]:
+        host = view.label == HOST_NETNS
+        try:
+            gen = (
+                firewall.generation_id()
+                if host
+                else in_namespace(view.path, firewall.generation_id)
+            )
+        except OSError:
+            gen = None
+        now = time.monotonic()
+        cached = self._cache.get(view.label)
+        if (
+            cached is not None
+            and gen is not None
+            and cached[0] == gen
+            and now - cached[1] < NETFILTER_MAX_AGE
+        ):
+            return cached[2], cached[3]
+        ruleset, err = firewall.read_ruleset(None if host else view.path)
+        self._cache[view.label] = (gen, now, ruleset, err)
+        return ruleset, err
+
+    def forget(self, labels: Collection[str]) -> None:
+        for label in set(self._cache) - set(labels):
+            del self._cache[label]
+            self._decisions.pop(label, None)
+
+
+class _PublishedPorts:
+    """The host's published ports, re-read when the nftables generation moves."""
+
+    def __init__(self) -> None:
+        self._gen: int | None = None
+        self._at = 0.0
+        self._ports: list[PublishedPort] = []
+        self._errors: list[str] = []
+
+    def get(self) -> tuple[list[PublishedPort], list[str]]:
+        gen = firewall.generation_id()
+        now = time.monotonic()
+        if gen is None or gen != self._gen or now - self._at >= NETFILTER_MAX_AGE:
+            self._ports, self._errors = read_published_ports()
+            self._gen, self._at = gen, now
+        return self._ports, self._errors
+
 
 class Scanner:
-    """Keeps what must survive between scans: the inode cache and the error counters."""
+    """Keeps what must survive between scans: caches and the error counters."""
 
     def __init__(
-        self, own: Collection[tuple[str, int]] = (), backend: str = "auto", max_listeners: int = 0
+        self,
+        own: Collection[tuple[str, int]] = (),
+        backend: str = "auto",
+        max_listeners: int = 0,
+        namespaces: bool = True,
+        firewall: bool = True,
+        published: bool = True,
     ) -> None:
         self._own = frozenset(own)
         self._resolver = InodeResolver()
         self._errors: Counter[str] = Counter()
         self._logged: set[str] = set()
-        self._backend = backend if backend != "auto" else ""
+        self._inventory = Inventory(self.error, backend, namespaces)
+        self._rulesets = _Rulesets() if firewall else None
+        self._published = _PublishedPorts() if published and namespaces else None
         self._max_listeners = max_listeners
         self._dropped = 0
+        # netns label -> (addresses and ruleset it was classified with, id(socket) -> Listener)
+        self._memo: dict[str, tuple[object, dict[int, Listener]]] = {}
 
     @property
     def backend(self) -> str:
-        return self._backend or "netlink"
+        return self._inventory.backend
 
     def set_own(self, own: Collection[tuple[str, int]]) -> None:
         self._own = frozenset(own)
@@ -66,16 +182,20 @@ class Scanner:
         t0 = time.monotonic()
         success = True
         try:
-            listeners, addresses = self._discover()
+            views = self._inventory.collect()
+            listeners = self._classify(views)
         except Exception as e:  # a scan must never take the daemon down
             self.error("scan", f"{type(e).__name__}: {e}")
-            listeners, addresses, success = [], (), False
+            views, listeners, success = [], [], False
         verdicts, labelled = judge(config.services, listeners, self._own)
+        published = self._judge_published(views, labelled)
         if config.probe.enabled:
-            verdicts = self._probe(config, verdicts, addresses)
+            host = next((v.addresses for v in views if v.label == HOST_NETNS), None) or ()
+            verdicts, published = self._probe(config, verdicts, published, host)
         strays = unexpected(labelled, config.unexpected.ignore) if config.unexpected.report else ()
         if self._max_listeners and len(labelled) > self._max_listeners:
             self._dropped += len(labelled) - self._max_listeners
+        host_addresses = next((v.addresses for v in views if v.label == HOST_NETNS), None)
         return Snapshot(
             timestamp=time.time(),
             duration=time.monotonic() - t0,
@@ -83,76 +203,110 @@ class Scanner:
             verdicts=verdicts,
             listeners=labelled,
             unexpected=strays,
-            host_addresses=addresses,
+            host_addresses=host_addresses or (),
             errors=dict(self._errors),
             backend=self.backend,
             dropped_listeners=self._dropped,
+            published=published,
+            namespaces=dict(Counter(v.kind for v in views)),
         )
 
-    def _discover(self) -> tuple[list[Listener], tuple[HostAddress, ...]]:
-        sockets, owners = self._list()
-        try:
-            addresses = host_addresses()
-        except OSError as e:
-            self.error("interfaces", str(e))
-            addresses = ()
+    def _classify(self, views: Sequence[NamespaceView]) -> list[Listener]:
+        owners = self._attribute(views)
         listeners = []
-        for sock in sockets:
-            listeners.append(
-                Listener(
+        memo: dict[str, tuple[object, dict[int, Listener]]] = {}
+        for view in views:
+            addresses = view.addresses if view.addresses is not None else _ASSUMED
+            rules = self._rulesets.view(view, self.error) if self._rulesets else None
+            # a listener is the same as at the last scan while its socket, owner, the
+            # addresses and the ruleset are: reuse it rather than classify it again
+            basis = (addresses, rules.ruleset if rules is not None else None)
+            last_basis, last = self._memo.get(view.label, (None, {}))
+            if last_basis != basis:
+                last = {}
+            kept: dict[int, Listener] = {}
+            memo[view.label] = (basis, kept)
+            for sock in view.sockets:
+                owner = owners.get(sock, NO_PROCESS)
+                known = last.get(id(sock))
+                if known is not None and known.socket is sock and known.process is owner:
+                    kept[id(sock)] = known
+                    listeners.append(known)
+                    continue
+                verdict, effective = None, None
+                if rules is not None:
+                    verdict, effective = after_firewall(
+                        sock, addresses, lambda a, s=sock, r=rules: r.decide(s, a)
+                    )
+                listener = Listener(
                     socket=sock,
-                    process=owners.get(sock, NO_PROCESS),
+                    process=owner,
                     scope=scope_of(sock.address),
                     exposure=exposure_of(sock, addresses),
+                    firewall=verdict,
+                    effective=effective if verdict is not None else None,
                 )
-            )
-        return listeners, addresses
+                kept[id(sock)] = listener
+                listeners.append(listener)
+        self._memo = memo
+        if self._rulesets is not None:
+            self._rulesets.forget([v.label for v in views])
+        return listeners
 
-    def _list(self) -> tuple[list[Socket], dict[Socket, object]]:
-        if self._backend in ("", "netlink"):
-            try:
-                sockets = netlink.list_sockets()
-            except netlink.NetlinkUnavailable as e:
-                if self._backend == "netlink":
-                    raise
-                log.warning("netlink sock_diag unavailable, using psutil", extra={"reason": str(e)})
-                self._backend = "psutil"
-            else:
-                if not self._backend:
-                    self._backend = "netlink"
-                    log.info("discovery backend", extra={"backend": "netlink"})
-                attribution = self._resolver.resolve(s.inode for s in sockets)
-                for source, n in attribution.errors.items():
-                    self.error(source, "reading /proc/PID/fd", n)
-                owners = {
-                    s: attribution.owners[s.inode] for s in sockets if s.inode in attribution.owners
-                }
-                return sockets, owners
-        sockets, pids = psutil_backend.list_sockets()
-        owners = {}
-        for s in sockets:
-            pid = pids.get((s.protocol.value, s.address, s.port))
-            if pid is None:
-                continue
-            try:
-                info = read_process(pid)
-            except OSError as e:
-                self.error("proc", f"pid {pid}: {e}")
-                continue
-            if info is None:
-                self.error("proc_vanished", f"pid {pid}")
-            else:
+    def _attribute(self, views: Sequence[NamespaceView]) -> dict[Socket, ProcessInfo]:
+        owners: dict[Socket, ProcessInfo] = {}
+        netlink_sockets = [s for v in views if v.pids is None for s in v.sockets]
+        attribution = self._resolver.resolve(s.inode for s in netlink_sockets if s.inode)
+        for source, n in attribution.errors.items():
+            self.error(source, "reading /proc/PID/fd", n)
+        for s in netlink_sockets:
+            info = attribution.owners.get(s.inode)
+            if info is not None:
                 owners[s] = info
-        return sockets, owners
+        for view in views:
+            for s in view.sockets if view.pids is not None else ():
+                pid = view.pids.get((s.protocol.value, s.address, s.port))
+                if pid is None:
+                    continue
+                try:
+                    info = read_process(pid)
+                except OSError as e:
+                    self.error("proc", f"pid {pid}: {e}")
+                    continue
+                if info is None:
+                    self.error("proc_vanished", f"pid {pid}")
+                else:
+                    owners[s] = info
+        return owners
+
+    def _judge_published(
+        self, views: Sequence[NamespaceView], listeners: Sequence[Listener]
+    ) -> tuple[Published, ...]:
+        if self._published is None:
+            return ()
+        ports, errors = self._published.get()
+        for detail in errors:
+            self.error("nat", detail)
+        owners = {
+            a.address: (v.label, v.container)
+            for v in views
+            if v.label != HOST_NETNS
+            for a in v.addresses or ()
+            if a.scope is not Scope.LOOPBACK
+        }
+        return judge_published(ports, owners, listeners)
 
     def _probe(
-        self, config: Config, verdicts: tuple[Verdict, ...], addresses: tuple[HostAddress, ...]
-    ) -> tuple[Verdict, ...]:
+        self,
+        config: Config,
+        verdicts: tuple[Verdict, ...],
+        published: tuple[Published, ...],
+        addresses: tuple[HostAddress, ...],
+    ) -> tuple[tuple[Verdict, ...], tuple[Published, ...]]:
         if config.probe.addresses is not None:
             hosts = list(config.probe.addresses)
         else:
-            # one address on two interfaces must not make two series with the same labels
-            hosts = list(dict.fromkeys(a.probe_target for a in addresses))
+            hosts = [a.probe_target for a in addresses]
 
         # UDP has no handshake to probe; other namespaces are probed through their
         # published ports, not their own addresses
@@ -163,10 +317,21 @@ class Scanner:
             )
 
         targets = [Target(h, v.service.port) for v in verdicts if probed(v) for h in hosts]
+        # the path forwarded traffic takes: from the host to the target inside
+        targets += [
+            Target(p.target_address, p.target_port) for p in published if p.protocol is Protocol.TCP
+        ]
         results = probe_all(targets, config.probe.timeout)
-        return tuple(
+        verdicts = tuple(
             dataclasses.replace(v, probes=tuple(results[Target(h, v.service.port)] for h in hosts))
             if probed(v)
             else v
             for v in verdicts
         )
+        published = tuple(
+            dataclasses.replace(p, probe=results[Target(p.target_address, p.target_port)])
+            if p.protocol is Protocol.TCP
+            else p
+            for p in published
+        )
+        return verdicts, published

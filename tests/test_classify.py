@@ -2,8 +2,15 @@
 
 import pytest
 
-from bindscope.classify import exposure_of, host_address, reachable_addresses, scope_of
-from bindscope.model import Exposure, Protocol, Scope, Socket
+from bindscope.classify import (
+    accepts_on,
+    after_firewall,
+    exposure_of,
+    host_address,
+    reachable_addresses,
+    scope_of,
+)
+from bindscope.model import Exposure, Firewall, Protocol, Scope, Socket
 
 
 @pytest.mark.parametrize(
@@ -117,3 +124,66 @@ def test_link_local_probe_target_carries_zone():
     assert a.scope is Scope.LINK_LOCAL
     assert a.probe_target == "fe80::5%eth0"
     assert host_address("eth0", "10.0.0.5", 4).probe_target == "10.0.0.5"
+
+
+HOST = [*LO, host_address("eth0", "10.0.0.5", 4), host_address("eth0", "2a00:1450::5", 6)]
+
+
+@pytest.mark.parametrize(
+    ("socket_", "verdicts", "expected"),
+    [
+        (sock("127.0.0.1"), {}, (None, Exposure.LOOPBACK)),
+        (sock("0.0.0.0"), {"10.0.0.5": Firewall.ACCEPT}, (Firewall.ACCEPT, Exposure.PRIVATE)),
+        (sock("0.0.0.0"), {"10.0.0.5": Firewall.DROP}, (Firewall.DROP, Exposure.LOOPBACK)),
+        (sock("0.0.0.0"), {"10.0.0.5": Firewall.UNKNOWN}, (Firewall.UNKNOWN, Exposure.PRIVATE)),
+        (
+            sock("::", v6only=False),
+            {"10.0.0.5": Firewall.ACCEPT, "2a00:1450::5": Firewall.DROP},
+            (Firewall.ACCEPT, Exposure.PRIVATE),
+        ),
+        (
+            sock("::", v6only=False),
+            {"10.0.0.5": Firewall.DROP, "2a00:1450::5": Firewall.DROP},
+            (Firewall.DROP, Exposure.LOOPBACK),
+        ),
+        (
+            sock("::", v6only=False),
+            {"10.0.0.5": Firewall.DROP, "2a00:1450::5": Firewall.UNKNOWN},
+            (Firewall.UNKNOWN, Exposure.PUBLIC),
+        ),
+    ],
+    ids=[
+        "loopback: the firewall does not matter",
+        "accepted",
+        "dropped on its only address",
+        "unknown counts as open",
+        "public dropped, private accepted: private",
+        "dropped everywhere",
+        "dropped and unknown: unknown, as wide as the unknown address",
+    ],
+)
+def test_after_firewall(socket_, verdicts, expected):
+    asked = []
+
+    def decide(a):
+        asked.append(a.address)
+        return verdicts[a.address]
+
+    assert after_firewall(socket_, HOST, decide) == expected
+    assert "127.0.0.1" not in asked and "::1" not in asked  # lo is always accepted
+
+
+@pytest.mark.parametrize(
+    ("socket_", "address", "accepts"),
+    [
+        (sock("0.0.0.0"), "203.0.113.2", True),
+        (sock("::", v6only=True), "203.0.113.2", False),
+        (sock("::", v6only=False), "203.0.113.2", True),
+        (sock("127.0.0.1"), "203.0.113.2", False),
+        (sock("203.0.113.2"), "203.0.113.2", True),
+        (sock("::", v6only=True), "2001:db8::2", True),
+    ],
+    ids=["ipv4 wildcard", "v6only wildcard", "dual-stack", "loopback", "exact", "ipv6"],
+)
+def test_accepts_on(socket_, address, accepts):
+    assert accepts_on(socket_, address) is accepts

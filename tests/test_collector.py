@@ -1,5 +1,6 @@
 """Metrics rendered from a hand-built Snapshot, compared with a golden exposition."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -12,11 +13,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from bindscope.collector import ReloadState, RuntimeCollector, SnapshotCollector, render
 from bindscope.model import (
     Exposure,
+    Firewall,
     HostAddress,
     Listener,
     ProbeResult,
     ProcessInfo,
     Protocol,
+    Published,
+    PublishedStatus,
     Scope,
     ServiceSpec,
     Snapshot,
@@ -49,6 +53,25 @@ def snapshot() -> Snapshot:
     web = ServiceSpec("web", 5000, expose=Exposure.PRIVATE)
     database = ServiceSpec("db", 5432, expose=Exposure.LOOPBACK, process=re.compile("^postgres$"))
     cache = ServiceSpec("cache", 11211, protocol=Protocol.UDP, expose=Exposure.LOOPBACK)
+    db = dataclasses.replace(db, firewall=Firewall.DROP, effective=Exposure.LOOPBACK)
+    boxed = Listener(
+        Socket(Protocol.TCP, "127.0.0.1", 8080, 4, None, 9, netns="netns:4026532", container="app"),
+        ProcessInfo(pid=2, name="python3"),
+        Scope.LOOPBACK,
+        Exposure.LOOPBACK,
+    )
+    forwarded = Published(
+        Protocol.TCP,
+        "127.0.0.1",
+        18081,
+        "203.0.113.2",
+        8080,
+        PublishedStatus.LOOPBACK_ONLY,
+        "netns:4026532",
+        "app",
+        (boxed,),
+        ProbeResult("203.0.113.2", False, 0.0001, "ECONNREFUSED"),
+    )
     return Snapshot(
         timestamp=1764000000.5,
         duration=0.0042,
@@ -64,14 +87,16 @@ def snapshot() -> Snapshot:
                     ProbeResult("10.0.0.5", False, 0.0002, "ECONNREFUSED"),
                 ),
             ),
-            Verdict(database, Status.OVEREXPOSED, Exposure.PRIVATE, (db,)),
+            Verdict(database, Status.OK, Exposure.PRIVATE, (db,), (), Exposure.LOOPBACK),
             Verdict(cache, Status.NOT_LISTENING, Exposure.NONE),
         ),
-        listeners=(flask, db, stray, dup, dns),
+        listeners=(flask, db, stray, dup, dns, boxed),
         unexpected=(stray, dup),
         host_addresses=(HostAddress("10.0.0.5", "eth0", 4, Scope.PRIVATE),),
         errors={"proc_vanished": 2},
         backend="netlink",
+        published=(forwarded,),
+        namespaces={"host": 1, "container": 1},
     )
 
 
@@ -94,6 +119,20 @@ def test_single_values():
     assert get("bindscope_listeners", {"protocol": "tcp", "exposure": "private"}) == 3
     assert get("bindscope_scan_errors_total", {"source": "proc_vanished"}) == 2
     assert get("bindscope_scan_errors_total", {"source": "proc"}) == 0
+    # the database binds wide, the firewall narrows it: shown, not judged overexposed
+    assert get("bindscope_service_exposure", {"service": "db", "exposure": "private"}) == 1
+    assert (
+        get("bindscope_service_effective_exposure", {"service": "db", "exposure": "loopback"}) == 1
+    )
+    fw = {"protocol": "tcp", "address": "0.0.0.0", "port": "5432", "netns": "host"}
+    assert get("bindscope_listener_firewall_info", {**fw, "verdict": "drop"}) == 1
+    # loopback listeners have no firewall verdict: lo is always accepted
+    fw |= {"address": "127.0.0.1", "port": "5000"}
+    assert get("bindscope_listener_firewall_info", {**fw, "verdict": "accept"}) is None
+    key = {"container": "app", "protocol": "tcp", "host_port": "18081"}
+    assert get("bindscope_published_port_status", {**key, "status": "loopback_only"}) == 1
+    assert get("bindscope_network_namespaces", {"kind": "container"}) == 1
+    assert get("bindscope_network_namespaces", {"kind": "named"}) == 0
 
 
 def test_listener_cap_limits_series():

@@ -1,22 +1,26 @@
 """Verdicts: one row per status and per tricky combination of sockets."""
 
+import dataclasses
 import re
 
 import pytest
 
 from bindscope.config import IgnoreRule
-from bindscope.judge import judge, status_of, unexpected
+from bindscope.judge import judge, judge_published, status_of, unexpected, worst_published
 from bindscope.model import (
     NO_PROCESS,
     Exposure,
+    Firewall,
     Listener,
     ProcessInfo,
     Protocol,
+    PublishedStatus,
     Scope,
     ServiceSpec,
     Socket,
     Status,
 )
+from bindscope.published import PublishedPort
 
 GUNICORN = ProcessInfo(pid=10, name="gunicorn")
 PYTHON = ProcessInfo(pid=11, name="python3")
@@ -150,3 +154,93 @@ def test_unexpected_skips_declared_own_loopback_and_ignored():
     ignore = [IgnoreRule(port=22, protocol=Protocol.TCP), IgnoreRule(protocol=Protocol.UDP)]
     assert [x.socket.port for x in unexpected(labelled, ignore)] == [8080]
     assert [x.socket.port for x in unexpected(labelled, [])] == [22, 8080, 5353]
+
+
+def fw(address="0.0.0.0", exposure=PRIV, effective=PRIV, verdict=Firewall.ACCEPT, **kw):
+    return dataclasses.replace(
+        lst(address, exposure=exposure, **kw), firewall=verdict, effective=effective
+    )
+
+
+@pytest.mark.parametrize(
+    ("service", "listeners", "status"),
+    [
+        (spec(PRIV), [fw(verdict=Firewall.DROP, effective=LOOP)], Status.BLOCKED),
+        (spec(PUB), [fw(exposure=PUB, verdict=Firewall.DROP, effective=LOOP)], Status.BLOCKED),
+        (spec(PRIV), [fw(verdict=Firewall.UNKNOWN, effective=PRIV)], Status.OK),
+        (spec(LOOP), [fw(verdict=Firewall.DROP, effective=LOOP)], Status.OK),
+        (spec(PRIV), [fw(exposure=PUB, effective=PRIV)], Status.OK),
+        (spec(PRIV), [fw(exposure=PUB, effective=PUB)], Status.OVEREXPOSED),
+        (spec(LOOP), [fw(verdict=Firewall.UNKNOWN, effective=PRIV)], Status.OVEREXPOSED),
+        (spec(PRIV), [lst("127.0.0.1", exposure=LOOP)], Status.LOOPBACK_ONLY),
+    ],
+    ids=[
+        "wide bind, firewall drops every other host: blocked",
+        "public bind, dropped: blocked",
+        "unknown firewall never blocks",
+        "database expected loopback, protected by the firewall alone: ok",
+        "public bind narrowed to private by the firewall: ok, shown on the dashboard",
+        "public bind, firewall lets the public in: overexposed",
+        "unknown firewall counts as open for over-exposure",
+        "loopback only is not blocked",
+    ],
+)
+def test_status_with_the_firewall(service, listeners, status):
+    assert status_of(service, listeners)[0] is status
+
+
+def published(target="203.0.113.2", port=8080, protocol="tcp", host_port=18081):
+    return PublishedPort(protocol, "127.0.0.1", host_port, target, port, "nft")
+
+
+OWNERS = {"203.0.113.2": ("netns:4026532", "app"), "2001:db8::2": ("netns:4026532", "app")}
+
+
+def inside(address, port=8080, v6only=None):
+    family = 6 if ":" in address else 4
+    s = Socket(
+        Protocol.TCP, address, port, family, v6only, inode=1, netns="netns:4026532", container="app"
+    )
+    scope = Scope.LOOPBACK if address in ("127.0.0.1", "::1") else Scope.WILDCARD
+    return Listener(s, PYTHON, scope, LOOP if scope is Scope.LOOPBACK else PRIV)
+
+
+@pytest.mark.parametrize(
+    ("port", "listeners", "status"),
+    [
+        (published(), [inside("127.0.0.1")], PublishedStatus.LOOPBACK_ONLY),
+        (published(), [inside("0.0.0.0")], PublishedStatus.OK),
+        (published(), [inside("::", v6only=False)], PublishedStatus.OK),
+        (published(), [inside("::", v6only=True)], PublishedStatus.NOT_LISTENING),
+        (published(), [], PublishedStatus.NOT_LISTENING),
+        (published(), [inside("0.0.0.0", port=5000)], PublishedStatus.NOT_LISTENING),
+        (published(target="2001:db8::2"), [inside("::", v6only=True)], PublishedStatus.OK),
+        (published(), [inside("127.0.0.1"), inside("203.0.113.2")], PublishedStatus.OK),
+    ],
+    ids=[
+        "app.run() inside: loopback only (the seed's bug behind -p)",
+        "0.0.0.0 inside",
+        "dual-stack wildcard inside takes the IPv4 target",
+        "v6only wildcard does not take the IPv4 target",
+        "nothing listens inside",
+        "listens on another port",
+        "IPv6 target, v6only wildcard",
+        "bound to the target address itself",
+    ],
+)
+def test_judge_published(port, listeners, status):
+    (verdict,) = judge_published([port], OWNERS, listeners)
+    assert verdict.status is status
+    assert (verdict.container, verdict.netns) == ("app", "netns:4026532")
+
+
+def test_published_targets_elsewhere_are_not_judged():
+    assert judge_published([published(target="203.0.113.99")], OWNERS, []) == ()
+
+
+def test_worst_published_keeps_one_status_per_host_port():
+    v4 = judge_published([published()], OWNERS, [inside("0.0.0.0")])
+    v6 = judge_published([published(target="2001:db8::2")], OWNERS, [])
+    worst = worst_published(v4 + v6)
+    assert list(worst) == [("app", "tcp", 18081)]
+    assert worst["app", "tcp", 18081].status is PublishedStatus.NOT_LISTENING

@@ -3,6 +3,10 @@
 The request asks for the LISTEN state bit alone (TCP) and the CLOSE bit alone (UDP, bound
 and unconnected): any other bit makes the kernel walk every connection on the host, so
 the cost of a dump grows with listeners, not with established connections.
+
+Parsing a record costs more than the kernel takes to send it, so each namespace's
+sockets are remembered by their raw record and a record seen at the last dump is not
+parsed again: a steady dump costs little more than the kernel's own work.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
 
 from bindscope.model import HOST_NETNS, Protocol, Socket
 
@@ -32,6 +37,7 @@ _REQ = struct.Struct("=BBBBI48s")
 # big-endian, src, dst 16 bytes each, interface, cookie[2]), expires, rqueue, wqueue, uid, inode
 _MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
 _RTA = struct.Struct("=HH")
+_SPORT, _DPORT, _SRC, _DST, _UID = 4, 6, 8, 24, 64  # offsets into inet_diag_msg
 
 # (protocol, IPPROTO, state bit) for each dump
 _QUERIES = (
@@ -51,6 +57,12 @@ def open_socket() -> socket.socket:
         raise NetlinkUnavailable(f"netlink sock_diag unavailable: {e}") from e
 
 
+# netns label -> {record key: Socket} of its last dump; at most MEMO_NAMESPACES of them
+MEMO_NAMESPACES = 256
+_memo: OrderedDict[str, dict[tuple, Socket]] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
 def list_sockets(sock: socket.socket | None = None, netns: str = HOST_NETNS) -> list[Socket]:
     """Every TCP listener and bound UDP socket, IPv4 and IPv6, in the socket's namespace.
 
@@ -58,17 +70,25 @@ def list_sockets(sock: socket.socket | None = None, netns: str = HOST_NETNS) -> 
     """
     own = sock is None
     nl = open_socket() if sock is None else sock
+    with _memo_lock:
+        previous = _memo.get(netns, {})
+    seen: dict[tuple, Socket] = {}
     try:
-        found: list[Socket] = []
         seq = 0
         for protocol, ipproto, states in _QUERIES:
             for family in (socket.AF_INET, socket.AF_INET6):
                 seq += 1
-                found.extend(_dump(nl, seq, protocol, ipproto, family, states, netns))
-        return found
+                _dump(nl, seq, protocol, ipproto, family, states, netns, previous, seen)
     finally:
         if own:
             nl.close()
+    with _memo_lock:
+        # only what listens now: memory follows the listeners, not their history
+        _memo[netns] = seen
+        _memo.move_to_end(netns)
+        while len(_memo) > MEMO_NAMESPACES:
+            _memo.popitem(last=False)
+    return list(seen.values())
 
 
 def _dump(
@@ -79,7 +99,9 @@ def _dump(
     family: int,
     states: int,
     netns: str,
-) -> Iterator[Socket]:
+    previous: dict[tuple, Socket],
+    seen: dict[tuple, Socket],
+) -> None:
     req = _REQ.pack(family, ipproto, 0, 0, states, b"\0" * 48)
     hdr = _NLMSGHDR.pack(
         _NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
@@ -88,11 +110,12 @@ def _dump(
         nl.sendto(hdr + req, (0, 0))
     except OSError as e:
         raise NetlinkUnavailable(f"netlink sock_diag request failed: {e}") from e
+    unpack_header = _NLMSGHDR.unpack_from
     while True:
         data = nl.recv(1 << 16)
         offset = 0
         while offset + _NLMSGHDR.size <= len(data):
-            length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, offset)
+            length, mtype, _flags, mseq, _pid = unpack_header(data, offset)
             if length < _NLMSGHDR.size:
                 return
             if mseq == seq:
@@ -103,10 +126,25 @@ def _dump(
                     if errno:
                         raise NetlinkUnavailable(f"netlink sock_diag error: {os.strerror(-errno)}")
                     return
-                if mtype == SOCK_DIAG_BY_FAMILY:
-                    parsed = _parse(data, offset + _NLMSGHDR.size, offset + length, protocol, netns)
+                start = offset + _NLMSGHDR.size
+                # a UDP socket with port 0 is not bound: nothing listens
+                if (
+                    mtype == SOCK_DIAG_BY_FAMILY
+                    and data[start + _SPORT : start + _DPORT] != b"\0\0"
+                ):
+                    # what identifies the socket and cannot change while it lives: port
+                    # and address, uid, inode and attributes (v6only); not the queues
+                    key = (
+                        ipproto,
+                        data[start + _SPORT : start + _DPORT]
+                        + data[start + _SRC : start + _DST]
+                        + data[start + _UID : offset + length],
+                    )
+                    parsed = previous.get(key)
+                    if parsed is None:
+                        parsed = _parse(data, start, offset + length, protocol, netns)
                     if parsed is not None:
-                        yield parsed
+                        seen[key] = parsed
             offset += (length + 3) & ~3
 
 

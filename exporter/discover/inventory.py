@@ -1,0 +1,183 @@
+"""Sockets and interface addresses of the host's namespace and of every other one in view.
+
+Each other namespace is listed with the same LISTEN-only netlink dump, from a socket
+opened inside it by a thread that entered it (CAP_SYS_ADMIN); the socket is kept for the
+next scan and closed when the namespace goes away. Without the capability a member
+process's /proc/PID/net tables are read instead (v6only then unknown), and without
+either the namespace is skipped. Every failure is counted, none is fatal.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bindscope.classify import host_address
+from bindscope.containers import ContainerNames
+from bindscope.discover import netlink, psutil_backend
+from bindscope.discover.addresses import host_addresses
+from bindscope.discover.namespaces import (
+    Namespace,
+    addresses_in_namespace,
+    enumerate_namespaces,
+    in_namespace,
+    read_proc_net,
+)
+from bindscope.model import HOST_NETNS, HostAddress, Protocol, Socket
+
+log = logging.getLogger("bindscope.discover")
+
+ErrorSink = Callable[[str, str], None]  # (source, detail)
+
+
+@dataclass(frozen=True)
+class NamespaceView:
+    """What one scan saw of one network namespace."""
+
+    label: str  # the netns label
+    kind: str  # host | container | named | other
+    path: str  # opens it (for the firewall reader)
+    container: str
+    sockets: tuple[Socket, ...]
+    addresses: tuple[HostAddress, ...] | None  # None: could not be read
+    # pids psutil attributed sockets to (psutil backend only): (proto, addr, port) -> pid
+    pids: dict[tuple[str, str, int], int] | None = None
+
+
+class Inventory:
+    def __init__(self, error: ErrorSink, backend: str = "auto", namespaces: bool = True) -> None:
+        self._error = error
+        self._backend = backend if backend != "auto" else ""
+        self._namespaces = namespaces
+        self._sockets: dict[int, socket.socket] = {}  # netns inode -> netlink socket in it
+        self._names = ContainerNames()
+
+    @property
+    def backend(self) -> str:
+        return self._backend or "netlink"
+
+    def collect(self) -> list[NamespaceView]:
+        views = [self._host()]
+        if not self._namespaces:
+            return views
+        try:
+            found, errors = enumerate_namespaces()
+        except OSError as e:
+            self._error("netns", f"listing namespaces: {e}")
+            return views
+        for detail in errors:
+            self._error("netns", detail)
+        seen = set()
+        for ns in found[1:]:
+            seen.add(ns.inode)
+            view = self._other(ns)
+            if view is not None:
+                views.append(view)
+        for inode in set(self._sockets) - seen:  # the namespace is gone: let it go
+            self._sockets.pop(inode).close()
+        return views
+
+    def close(self) -> None:
+        for s in self._sockets.values():
+            s.close()
+        self._sockets.clear()
+
+    def _host(self) -> NamespaceView:
+        pids = None
+        if self._backend in ("", "netlink"):
+            try:
+                sockets = netlink.list_sockets()
+            except netlink.NetlinkUnavailable as e:
+                if self._backend == "netlink":
+                    raise
+                log.warning("netlink sock_diag unavailable, using psutil", extra={"reason": str(e)})
+                self._backend = "psutil"
+            else:
+                if not self._backend:
+                    self._backend = "netlink"
+                    log.info("discovery backend", extra={"backend": "netlink"})
+        if self._backend == "psutil":
+            sockets, pids = psutil_backend.list_sockets()
+        try:
+            addresses: tuple[HostAddress, ...] | None = host_addresses()
+        except OSError as e:
+            self._error("interfaces", str(e))
+            addresses = None
+        return NamespaceView(
+            HOST_NETNS, "host", "/proc/self/ns/net", "", tuple(sockets), addresses, pids
+        )
+
+    def _other(self, ns: Namespace) -> NamespaceView | None:
+        container = self._names.name(ns.container) if ns.container is not None else ""
+        sockets = self._dump(ns)
+        if sockets is None:
+            sockets = self._proc_net(ns)
+        if sockets is None:
+            return None
+        try:
+            addresses: tuple[HostAddress, ...] | None = tuple(
+                host_address(ifname, addr, fam)
+                for ifname, addr, fam in addresses_in_namespace(ns.path)
+            )
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                self._error("netns", f"{ns.label}: interfaces: {e}")
+            addresses = None
+        return NamespaceView(
+            ns.label,
+            ns.kind,
+            ns.path,
+            container,
+            tuple(
+                Socket(
+                    s.protocol,
+                    s.address,
+                    s.port,
+                    s.family,
+                    s.v6only,
+                    s.inode,
+                    s.uid,
+                    netns=ns.label,
+                    container=container,
+                )
+                for s in sockets
+            ),
+            addresses,
+        )
+
+    def _dump(self, ns: Namespace) -> list[Socket] | None:
+        sock = self._sockets.get(ns.inode)
+        try:
+            if sock is None:
+                sock = in_namespace(ns.path, netlink.open_socket)
+                self._sockets[ns.inode] = sock
+            return netlink.list_sockets(sock, netns=ns.label)
+        except OSError as e:
+            if sock is not None:
+                self._sockets.pop(ns.inode, None)
+                sock.close()
+            if e.errno not in (errno.EPERM, errno.ENOENT, errno.ESRCH):
+                self._error("netns", f"{ns.label}: netlink: {e}")
+            return None
+
+    def _proc_net(self, ns: Namespace) -> list[Socket] | None:
+        for pid in ns.pids:
+            try:
+                rows = read_proc_net(pid)
+            except FileNotFoundError:
+                continue  # exited: try another member
+            except OSError as e:
+                self._error("netns", f"{ns.label}: /proc/{pid}/net: {e}")
+                return None
+            return [
+                Socket(Protocol(proto), addr, port, fam, None, inode, uid)
+                for proto, fam, addr, port, inode, uid in rows
+            ]
+        self._error(
+            "netns",
+            f"{ns.label}: cannot enter it (no CAP_SYS_ADMIN) nor read a member's /proc/PID/net",
+        )
+        return None
