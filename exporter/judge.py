@@ -89,7 +89,6 @@ def judge(
         for spec in candidates.get((lst.socket.port, lst.socket.protocol), ()):
             if located(spec, lst):
                 name = spec.name
-                claimed[name].append(lst)
                 break
         else:
             sock = lst.socket
@@ -99,7 +98,11 @@ def judge(
                 and (sock.address, sock.port) in own
             ):
                 name = OWN_SERVICE
-        labelled.append(dataclasses.replace(lst, service=name) if name else lst)
+        if name:
+            lst = dataclasses.replace(lst, service=name)
+            if name in claimed:
+                claimed[name].append(lst)
+        labelled.append(lst)
     verdicts = []
     for spec in specs:
         mine = tuple(claimed[spec.name])

@@ -385,10 +385,7 @@ def snapshot_json(snap: Snapshot, config: Config) -> dict[str, Any]:
                 "exposure": v.exposure.value,
                 "listening": v.listening,
                 # a verdict keeps its listeners as discovered, before judge labels them
-                "listeners": [
-                    listener_json(dataclasses.replace(lst, service=v.service.name), unexpected)
-                    for lst in v.listeners
-                ],
+                "listeners": [listener_json(lst, unexpected) for lst in v.listeners],
                 "probes": [
                     {
                         "address": p.address,
