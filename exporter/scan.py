@@ -306,7 +306,8 @@ class Scanner:
         if config.probe.addresses is not None:
             hosts = list(config.probe.addresses)
         else:
-            hosts = [a.probe_target for a in addresses]
+            # one address on two interfaces must not make two series with the same labels
+            hosts = list(dict.fromkeys(a.probe_target for a in addresses))
 
         # UDP has no handshake to probe; other namespaces are probed through their
         # published ports, not their own addresses
