@@ -1,11 +1,13 @@
 """The exporter's running state: config, the scan thread, and the exposition it serves.
 
 A background thread scans on a timer and swaps in the rendered exposition of each
-completed scan; scrapes read that one reference and never wait for a scan.
+completed scan, plain and gzipped; scrapes read that one reference and never wait for a
+scan nor compress it again.
 """
 
 from __future__ import annotations
 
+import gzip
 import html
 import logging
 import threading
@@ -42,9 +44,12 @@ class Daemon:
         self._telemetry_path = telemetry_path
         self._max_listeners = max_listeners
         self._snapshot: Snapshot | None = None
-        self._body = b""
+        self._body: tuple[bytes, bytes] = (b"", gzip.compress(b""))  # plain, gzipped
         self._reload = ReloadState(successful=True, success_timestamp=time.time())
         self._reload_lock = threading.Lock()
+        self._reloading: int | None = None  # the thread in reload(), if any
+        self._reload_again = False
+        self._runtime_cache: tuple[object, bytes, bytes] = (None, b"", b"")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,39 +94,77 @@ class Daemon:
         snap = self._scanner.scan(self._config)
         body = render(snap, self._max_listeners)
         # one assignment each: a scrape sees the old exposition or the new, never a mix
-        self._body = body
+        self._body = (body, gzip.compress(body, compresslevel=6))
         self._snapshot = snap
         return snap
 
     def reload(self) -> tuple[bool, str]:
-        """Re-read the config file; on error keep the last good config and say why."""
+        """Re-read the config file; on error keep the last good config and say why.
+
+        SIGHUP calls this from a signal handler, which may fire again while the main
+        thread is inside reload(): that nested call only asks the running one to read
+        the file once more (waiting for the lock would deadlock the thread on itself),
+        so the last file written is the one that stays in force.
+        """
+        if self._reloading == threading.get_ident():
+            self._reload_again = True
+            return True, "a reload is running in this thread; it reads the file again"
         with self._reload_lock:
-            if self._config_path is None:
-                self._reload = ReloadState(True, time.time())
-                return True, "no --config.file: the embedded default stays in force"
+            self._reloading = threading.get_ident()
             try:
-                config = load_config(self._config_path)
-            except ConfigError as e:
-                self._reload = ReloadState(False, self._reload.success_timestamp)
-                log.error(
-                    "config reload failed, keeping the last good config",
-                    extra={"file": self._config_path, "err": str(e)},
-                )
-                return False, str(e)
-            self._config = config
-            self._reload = ReloadState(True, time.time())
-            log.info(
-                "config reloaded",
-                extra={"file": self._config_path, "services": len(config.services)},
-            )
+                ok, message = self._load()
+                while self._reload_again:
+                    self._reload_again = False
+                    ok, message = self._load()
+            finally:
+                self._reloading = None
         self._wake.set()  # judge the new config now rather than at the next tick
+        return ok, message
+
+    def _load(self) -> tuple[bool, str]:
+        if self._config_path is None:
+            self._reload = ReloadState(True, time.time())
+            return True, "no --config.file: the embedded default stays in force"
+        try:
+            config = load_config(self._config_path)
+        except ConfigError as e:
+            self._reload = ReloadState(False, self._reload.success_timestamp)
+            log.error(
+                "config reload failed, keeping the last good config",
+                extra={"file": self._config_path, "err": str(e)},
+            )
+            return False, str(e)
+        self._config = config
+        self._reload = ReloadState(True, time.time())
+        log.info(
+            "config reloaded", extra={"file": self._config_path, "services": len(config.services)}
+        )
         return True, "config reloaded"
 
     def ready(self) -> bool:
         return self._snapshot is not None
 
-    def metrics(self) -> bytes:
-        return self._body + generate_latest(self._runtime)
+    def metrics(self, compressed: bool = False) -> tuple[bytes, bytes]:
+        """The exposition in two parts: the last scan's, and the runtime state.
+
+        Sent one after the other, never joined: no copy of the body per scrape. Gzipped,
+        each part is a gzip member, and consecutive members are one valid gzip stream.
+        """
+        plain, zipped = self._body
+        runtime, runtime_zipped = self._runtime_exposition()
+        return (zipped, runtime_zipped) if compressed else (plain, runtime)
+
+    def _runtime_exposition(self) -> tuple[bytes, bytes]:
+        """The runtime part, plain and gzipped, made at most once a second (and after
+        each reload): it costs more than serving the whole body, and a 1 s old process
+        CPU or RSS figure is as good as a fresh one."""
+        key = (int(time.monotonic()), self._reload)
+        cached = self._runtime_cache
+        if cached[0] != key:
+            text = generate_latest(self._runtime)
+            cached = (key, text, gzip.compress(text, compresslevel=1))
+            self._runtime_cache = cached  # one assignment: threads see old or new
+        return cached[1], cached[2]
 
     def landing(self) -> str:
         snap = self._snapshot

@@ -14,7 +14,15 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from bindscope.classify import accepted_families, scope_of
+from bindscope.classify import accepted_families, reachable_addresses, scope_of
+from bindscope.firewall import (
+    Decision,
+    FirewallVerdict,
+    Ruleset,
+    closing_command,
+    evaluate,
+    opening_command,
+)
 from bindscope.model import (
     HOST_NETNS,
     Exposure,
@@ -24,6 +32,8 @@ from bindscope.model import (
     ProbeResult,
     ProcessInfo,
     Protocol,
+    Published,
+    PublishedStatus,
     Scope,
     Status,
     Verdict,
@@ -73,6 +83,7 @@ _LABELS = {
     "mongod": "MongoDB",
     "elasticsearch": "Elasticsearch",
     "bindscope": "bindscope-exporter",
+    "publisher": "a container runtime's port publisher",
 }
 # the program's own name (comm or argv[0]'s basename) alone says what it is
 _BY_NAME = {
@@ -85,6 +96,10 @@ _BY_NAME = {
     "mongod": "mongod",
     "bindscope-exporter": "bindscope",
     "bindscope-expor": "bindscope",  # comm is cut at 15 characters
+    # they hold a published port on the host for the NAT rule behind it
+    "conmon": "publisher",
+    "docker-proxy": "publisher",
+    "rootlessport": "publisher",
 }
 # a Python entry point (python -m X, or the console script X) and the kind it means
 _PY_TOOLS = {
@@ -350,6 +365,11 @@ def bind_change(culprit: Culprit | None, port: int, host: str) -> list[str]:
         ]
     if kind == "elasticsearch":
         return [f"`network.host: {host}` in elasticsearch.yml, then restart it"]
+    if kind == "publisher":
+        return [
+            f"publish it on {host}: `-p {h}:{port}:PORT_INSIDE` in `docker run` / `podman run` "
+            "(`ports:` in compose), then recreate the container"
+        ]
     if kind == "bindscope":
         return [f"--web.listen-address={h}:{port}"]
     return [f"make the program listen on {host}: look for its host, bind or listen setting"]
@@ -377,6 +397,10 @@ class Case:
     addresses: tuple[HostAddress, ...]
     culprits: Mapping[int, Culprit] = field(default_factory=dict)  # by pid
     probed: bool = True
+    published: tuple[Published, ...] = ()  # NAT rules forwarding this host port inward
+    # netns label -> its packet filter, or None and why it could not be read;
+    # a namespace missing here was not read (the scan's verdict is all there is)
+    rulesets: Mapping[str, tuple[Ruleset | None, str]] = field(default_factory=dict)
 
     def culprit(self, listener: Listener) -> Culprit | None:
         pid = listener.process.pid
@@ -398,7 +422,8 @@ class Diagnosis:
         return self.findings[-1].fixes if self.findings else ()
 
 
-Step = Callable[[Case], Finding]
+# a step that has nothing to say about this case (no published port) returns None
+Step = Callable[[Case], Finding | None]
 
 
 def _where(lst: Listener) -> str:
@@ -544,7 +569,9 @@ def step_probes(case: Case) -> Finding:
             elif tcp:
                 text += " (nothing is bound to this address)"
             lines.append(text)
-        if failed:
+        # NAT sends the connect into a container: the published-port step explains it
+        forwarded = any(p.status is not PublishedStatus.OK for p in case.published)
+        if failed and not forwarded:
             problem = True
             names = ", ".join(p.address for p in failed)
             fixes.append(f"it listens on {names} but connecting there fails: {FIREWALL_CHECK}")
@@ -678,12 +705,184 @@ def step_meaning(case: Case) -> Finding:
     )
 
 
+def _bracket(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def step_published(case: Case) -> Finding | None:
+    """A published port followed into its container: the target, what listens there, the fix."""
+    if not case.published:
+        return None
+    lines: list[str] = []
+    fixes: list[str] = []
+    problem = False
+    for p in case.published:
+        where = f"container {p.container}" if p.container else f"netns {p.netns}"
+        target = f"{_bracket(p.target_address)}:{p.target_port}"
+        lines.append(
+            f"{p.protocol.value} {_bracket(p.host_address)}:{p.host_port} is forwarded (NAT) "
+            f"to {target} in {where}"
+        )
+        for lst in p.listeners:
+            scope = (
+                f"loopback: only processes in {where} can connect"
+                if lst.scope is Scope.LOOPBACK
+                else _scope_text(lst)
+            )
+            lines.append(f"  inside: {_addr(lst)}: {scope}")
+            proc = lst.process
+            if proc.known:
+                cmd = " ".join(proc.cmdline) or proc.name
+                lines.append(f"    pid {proc.pid} {proc.name}: {cmd}")
+                c = case.culprit(lst)
+                if c:
+                    lines.append(f"    recognised: {c.label}")
+            else:
+                lines.append("    owner unknown (needs root or CAP_SYS_PTRACE)")
+        if p.probe is not None:
+            lines.append(f"  a connect from the host to {target}: {probe_word(p.probe)}")
+        wide = "::" if ":" in p.target_address else "0.0.0.0"
+        if p.status is PublishedStatus.LOOPBACK_ONLY:
+            problem = True
+            lines.append(
+                f"  {p.status.value}: forwarded connections arrive on {p.target_address}, but "
+                f"inside {where} the app listens on loopback only: every client of port "
+                f"{p.host_port} fails to connect, though the host shows it listening"
+            )
+            culprits = dict.fromkeys(case.culprit(lst) for lst in p.listeners) or {None: None}
+            fixes += [
+                f"inside {where}: {fix}"
+                for c in culprits
+                for fix in bind_change(c, p.target_port, wide)
+            ]
+        elif p.status is PublishedStatus.NOT_LISTENING:
+            problem = True
+            lines.append(
+                f"  {p.status.value}: nothing accepts on {target} inside {where}: "
+                f"clients of port {p.host_port} are refused"
+            )
+            fixes.append(
+                f"inside {where}: start the app and make it listen on {wide} port "
+                f"{p.target_port} ({p.protocol.value})"
+            )
+        elif p.probe is not None and not p.probe.success:
+            problem = True
+            fixes.append(f"it listens on {target} in {where}, the connect fails: {FIREWALL_CHECK}")
+        else:
+            lines.append(f"  {p.status.value}: the app inside accepts on {target}")
+    return Finding(
+        f"Where does published port {case.port} lead? (NAT into a container)",
+        tuple(lines),
+        tuple(dict.fromkeys(fixes)),
+        problem,
+    )
+
+
+BY_HAND = "check by hand, as root: `nft list ruleset` / `iptables -S`"
+
+
+def deciding_rule(d: Decision) -> str:
+    """The rule (or chain policy) that decided, as `nft -a list ruleset` shows it."""
+    if not d.chain:
+        return "no packet filter on the input path" if d.rule == "no filter" else d.rule
+    who = d.manager or (d.backend if d.backend not in ("", "nft") else "")
+    by = f" (written by {who})" if who else ""
+    where = f"table {d.family} {d.table}, chain {d.chain}"
+    if d.handle is None:
+        return f"{where}: {d.rule}{by}"
+    return f"{where}, handle {d.handle}: `{d.rule}`{by}"
+
+
+def _verdict_of(case: Case, lst: Listener) -> Verdict | None:
+    for v in case.verdicts:
+        if lst in v.listeners:
+            return v
+    return next((v for v in case.verdicts if v.service.protocol is lst.socket.protocol), None)
+
+
+def step_firewall(case: Case) -> Finding | None:
+    """For each host address a socket accepts on beyond loopback: the filter's verdict
+    for a new connection from another host, the rule that gives it, and what to run."""
+    title = "Does the firewall let other hosts in?"
+    outside = tuple(a for a in case.addresses if a.scope is not Scope.LOOPBACK)
+    wide = [
+        lst
+        for lst in case.listeners
+        if lst.socket.netns == HOST_NETNS and reachable_addresses(lst.socket, outside)
+    ]
+    elsewhere = [
+        f"{lst.socket.protocol.value} {_addr(lst)}{_where(lst)}: the scan's verdict: "
+        f"{lst.firewall.value} (rules are named for this namespace only)"
+        for lst in case.listeners
+        if lst.socket.netns != HOST_NETNS and lst.firewall is not None
+    ]
+    if not wide:
+        # loopback traffic is never filtered here: nothing to say unless elsewhere
+        return Finding(title, tuple(elsewhere)) if elsewhere else None
+    ruleset, error = case.rulesets.get(HOST_NETNS, (None, ""))
+    if ruleset is None:
+        why = f"could not be read: {error}" if error else "was not read"
+        return Finding(
+            title, (f"the firewall {why} (reading it needs CAP_NET_ADMIN)", BY_HAND, *elsewhere)
+        )
+    lines: list[str] = []
+    fixes: list[str] = []
+    problem = False
+    seen: set[tuple[str, str]] = set()
+    for lst in wide:
+        v = _verdict_of(case, lst)
+        expose = v.service.expose if v else Exposure.PRIVATE
+        status = v.status if v else None
+        proto = lst.socket.protocol.value
+        for a in reachable_addresses(lst.socket, outside):
+            if (proto, a.address) in seen:
+                continue
+            seen.add((proto, a.address))
+            d = evaluate(ruleset, proto, a.family, a.address, case.port)
+            rule = deciding_rule(d)
+            head = f"{proto} {a.address}:"
+            if d.verdict is FirewallVerdict.ACCEPT:
+                if d.restricted:
+                    lines.append(f"{head} only some hosts get in ({d.reason}): {rule}")
+                else:
+                    lines.append(
+                        f"{head} the firewall accepts new connections from other hosts on "
+                        f"{a.address}: ruled out, as the seed did ({rule})"
+                    )
+                if status is Status.OVEREXPOSED and expose is Exposure.LOOPBACK:
+                    fixes.append(
+                        "or keep other hosts out at the firewall as well: "
+                        f"`{closing_command(d, proto, case.port)}`"
+                    )
+                    problem = True
+            elif d.verdict is FirewallVerdict.DROP:
+                lines.append(f"{head} the firewall drops other hosts: {rule}")
+                opening = opening_command(d, proto, case.port)
+                if status is Status.BLOCKED:
+                    fixes.append(f"let other hosts in on {case.port}/{proto}: `{opening}`")
+                    problem = True
+                elif expose is Exposure.LOOPBACK:
+                    lines.append(
+                        "  protected by the firewall alone: bind it to loopback as well, "
+                        "so it does not depend on this rule"
+                    )
+                else:
+                    lines.append(
+                        f"  other hosts get in on other addresses; to open this one: `{opening}`"
+                    )
+            else:
+                lines.append(f"{head} undecided: {d.reason} ({rule}); {BY_HAND}")
+    return Finding(title, (*lines, *elsewhere), tuple(dict.fromkeys(fixes)), problem)
+
+
 STEPS: tuple[Step, ...] = (
     step_listening,
     step_addresses,
     step_processes,
     step_probes,
+    step_published,
     step_meaning,
+    step_firewall,
 )
 
 
@@ -699,7 +898,7 @@ def subject(case: Case) -> str:
 
 def diagnose(case: Case, steps: tuple[Step, ...] = STEPS) -> Diagnosis:
     """Run each step; the last finding gathers their fixes."""
-    findings = [step(case) for step in steps]
+    findings = [f for f in (step(case) for step in steps) if f is not None]
     fixes = tuple(dict.fromkeys(f for finding in findings for f in finding.fixes))
     if fixes:
         lines = fixes

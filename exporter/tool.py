@@ -28,6 +28,7 @@ from bindscope.diagnose import (
     read_source,
     recognize,
 )
+from bindscope.firewall import read_ruleset
 from bindscope.initconfig import ephemeral_range, plan, render
 from bindscope.logs import setup as setup_logging
 from bindscope.model import (
@@ -520,14 +521,17 @@ def build_case(port: int, snap: Snapshot, declared: bool, probed: bool) -> Case:
         for lst in snap.listeners
         if lst.socket.port == port and (lst.socket.netns == HOST_NETNS or lst.service)
     )
+    published = tuple(p for p in snap.published if p.host_port == port)
+    inside = [lst for p in published for lst in p.listeners]
     return Case(
         port=port,
         verdicts=verdicts,
         declared=declared,
         listeners=listeners,
         addresses=snap.host_addresses,
-        culprits=culprits_of(listeners, port),
+        culprits={**culprits_of(inside), **culprits_of(listeners, port)},
         probed=probed,
+        published=published,
     )
 
 
@@ -548,6 +552,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     )
     snap = Scanner().scan(scan_config)
     case = build_case(port, snap, declared, args.probe)
+    # read again, not taken from the scan: diagnose names the rule, the scan keeps verdicts
+    case = dataclasses.replace(case, rulesets={HOST_NETNS: read_ruleset()})
     result = diagnose(case)
     paint = Paint.for_stream(sys.stdout)
     print("\n".join(render_diagnosis(result, case, paint, scan_notes(snap, paint))))

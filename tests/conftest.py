@@ -355,3 +355,94 @@ def tmpdir_short() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- real podman containers (docs: /work/shared/notes/containers-in-tests.md) ----
+
+PODMAN = ["podman", "--runtime", "runc"]  # crun refuses this machine's hybrid cgroups
+PODMAN_NETWORK = "bindscope-test"
+PODMAN_SUBNET = "203.0.113.0/24"  # TEST-NET-3: the netns tests use 198.51.100.0/24
+
+
+class Container:
+    """A running test container: its name, id, a member pid and its address."""
+
+    def __init__(self, name: str, cid: str, pid: int, ip: str) -> None:
+        self.name, self.id, self.pid, self.ip = name, cid, pid, ip
+
+
+class Podman:
+    """Containers from the host's own root filesystem on the test network.
+
+    Names are `bindscope-test-<pid>-<tag>`: a later run removes only what a dead run
+    left. Every container started here is removed by close().
+    """
+
+    def __init__(self, network: str) -> None:
+        self.network = network
+        self.prefix = f"bindscope-test-{os.getpid()}-"
+        self._started: list[str] = []
+
+    def cmd(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        done = subprocess.run(
+            [*PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(f"podman {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def run(self, tag: str, command: list[str], publish: tuple[str, ...] = ()) -> Container:
+        name = self.prefix + tag
+        self._started.append(name)
+        ports = [a for p in publish for a in ("-p", p)]
+        cid = self.cmd(
+            "run", "-d", "--name", name,
+            # podman's default limits exceed the hard limit and there is no CAP_SYS_RESOURCE
+            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000",
+            f"--network={self.network}", *ports, "--rootfs", "/:O", *command,
+        )  # fmt: skip
+        pid = int(self.cmd("inspect", "-f", "{{.State.Pid}}", name))
+        ip = self.cmd(
+            "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name
+        )
+        return Container(name, cid.splitlines()[-1], pid, ip)
+
+    def remove(self, name: str) -> None:
+        self.cmd("rm", "-f", "-t", "0", name, check=False)  # -t 0: no 10 s SIGTERM wait
+
+    def close(self) -> None:
+        for name in self._started:
+            self.remove(name)
+
+    def remove_leftovers(self) -> None:
+        out = self.cmd("ps", "-a", "--filter", "name=^bindscope-test-", "--format", "{{.Names}}")
+        for name in out.split():
+            owner = name.split("-")[2]
+            if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+                self.remove(name)
+
+
+@pytest.fixture(scope="module")
+def podman() -> Iterator[Podman]:
+    """Podman on the shared test network, which is made only if missing and removed only
+    by whoever made it (removal fails while another test still uses it)."""
+    require_root()
+    require_binary("podman", "runc")
+    def exists() -> bool:
+        return run(*PODMAN, "network", "exists", PODMAN_NETWORK, check=False).returncode == 0
+
+    created = False
+    if not exists():
+        made = run(*PODMAN, "network", "create", "--subnet", PODMAN_SUBNET, PODMAN_NETWORK,
+                   check=False)  # fmt: skip
+        # another test run may have made it meanwhile
+        assert made.returncode == 0 or exists(), made.stderr
+        created = made.returncode == 0
+    pm = Podman(PODMAN_NETWORK)
+    try:
+        pm.remove_leftovers()
+        yield pm
+    finally:
+        pm.close()
+        if created:
+            run(*PODMAN, "network", "rm", PODMAN_NETWORK, check=False)
