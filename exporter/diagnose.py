@@ -620,9 +620,11 @@ def _meaning(case: Case, v: Verdict) -> tuple[list[str], list[str]]:
         ]
     if st is Status.LOOPBACK_ONLY:
         host = widen_host(spec.expose, case.addresses)
+        # a published port's local connects go on into its container (step above)
+        here = "" if case.published else f": `curl localhost:{spec.port}` works on this host"
         lines = [
-            f"It listens on loopback only ({addrs}): `curl localhost:{spec.port}` works "
-            'on this host, but a client on another host gets "connection refused".',
+            f"It listens on loopback only ({addrs}){here}, but a client on another host "
+            'gets "connection refused".',
             f"{declared} {spec.expose.value}: it must listen on an address other hosts reach.",
         ]
         fixes = [f for c in _culprits_of(case, v) for f in bind_change(c, spec.port, host)]
@@ -638,12 +640,14 @@ def _meaning(case: Case, v: Verdict) -> tuple[list[str], list[str]]:
         fixes = [f for c in _culprits_of(case, v) for f in bind_change(c, spec.port, host)]
         return lines, fixes
     if st is Status.BLOCKED:
+        # with the ruleset read, step_firewall names the rule and the command instead
+        read = case.rulesets.get(HOST_NETNS, (None, ""))[0] is not None
         return (
             [
                 f"It listens on {addrs}, wide enough, but the host's packet filter drops new "
                 "connections from other hosts on every address: they time out."
             ],
-            [f"the listener is fine, the firewall is not: {FIREWALL_CHECK}"],
+            [] if read else [f"the listener is fine, the firewall is not: {FIREWALL_CHECK}"],
         )
     if st is Status.WRONG_PROCESS:
         names = ", ".join(dict.fromkeys(lst.process.name for lst in v.listeners))
@@ -845,9 +849,15 @@ def step_firewall(case: Case) -> Finding | None:
                 if d.restricted:
                     lines.append(f"{head} only some hosts get in ({d.reason}): {rule}")
                 else:
+                    # for a loopback service the firewall is no suspect but a missing guard
+                    verdict = (
+                        "ruled out, as the seed did"
+                        if expose > Exposure.LOOPBACK
+                        else "nothing but the bind keeps them out"
+                    )
                     lines.append(
                         f"{head} the firewall accepts new connections from other hosts on "
-                        f"{a.address}: ruled out, as the seed did ({rule})"
+                        f"{a.address}: {verdict} ({rule})"
                     )
                 if status is Status.OVEREXPOSED and expose is Exposure.LOOPBACK:
                     fixes.append(

@@ -36,6 +36,8 @@ from bindscope.model import (
     Exposure,
     Listener,
     Protocol,
+    Published,
+    PublishedStatus,
     ServiceSpec,
     Snapshot,
     Status,
@@ -247,9 +249,39 @@ def render_scan(snap: Snapshot, paint: Paint) -> list[str]:
     out.append(paint(f"Other listeners ({len(others)}):", "bold"))
     if others:
         out += listeners_table(others, set(snap.unexpected), paint)
+    if snap.published:
+        out.append("")
+        out.append(paint(f"Published ports ({len(snap.published)}):", "bold"))
+        out += published_table(snap.published, paint)
     out.append("")
     out.append(scan_summary(snap))
     return out + scan_notes(snap, paint)
+
+
+def _hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def published_table(published: Sequence[Published], paint: Paint) -> list[str]:
+    """One row per NAT rule into a namespace: where it leads and what listens there."""
+    rows = []
+    for p in sorted(published, key=lambda p: (p.container, p.netns, p.host_port, p.host_address)):
+        inside = ", ".join(dict.fromkeys(lst.socket.address for lst in p.listeners))
+        rows.append(
+            [
+                (p.protocol.value, ""),
+                (_hostport(p.host_address, p.host_port), ""),
+                (_hostport(p.target_address, p.target_port), ""),
+                (p.container or "-", ""),
+                (p.netns, ""),
+                (p.status.value, "green" if p.status is PublishedStatus.OK else "red"),
+                (inside or "-", ""),
+                (_process_text(p.listeners) or "-", ""),
+                (probe_word(p.probe) if p.probe else "-", ""),
+            ]
+        )
+    header = ["PROTO", "HOST", "TARGET", "CONTAINER", "NETNS", "STATUS", "INSIDE", "PROCESS"]
+    return table([*header, "PROBE"], rows, paint)
 
 
 def scan_notes(snap: Snapshot, paint: Paint) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mixin.rules import (
+    EXPOSURE_RANKS,
     PUBLISHED_PORT_LABELS,
     SERVICE_LABELS,
     STATUS_CODES,
@@ -328,10 +329,27 @@ def _unexpected_table(size: tuple[int, int]) -> dict[str, Any]:
 # --- the dashboards -----------------------------------------------------------------------
 
 
+def _declared_rank_expr() -> str:
+    """One series per service whose value ranks its declared `expose`."""
+    terms = "\n  or ".join(
+        f'bindscope_service_info{{{VARS}, expose="{e}"}} * {rank}'
+        for e, rank in EXPOSURE_RANKS.items()
+        if e != "none"
+    )
+    return f"(\n  {terms}\n)"
+
+
 def fleet(c: DashboardsConfig) -> dict[str, Any]:
+    bind = exposure_rank_expr("bindscope_service_exposure", VARS)
+    effective = exposure_rank_expr("bindscope_service_effective_exposure", VARS)
+    declared = _declared_rank_expr()
+    # only where the bind alone is wider than declared and the firewall brings it back
+    # within the declaration: a blocked service, or one narrowed but still too wide, is
+    # a failing status, not protected
     narrowed = (
-        f"(\n{exposure_rank_expr('bindscope_service_exposure', VARS)}\n"
-        f"- {exposure_rank_expr('bindscope_service_effective_exposure', VARS)}\n)\n"
+        f"(\n(\n{bind}\n- {effective}\n)\n"
+        f"and on ({SERVICE_LABELS}) ({bind}\n> on ({SERVICE_LABELS}) {declared})\n"
+        f"and on ({SERVICE_LABELS}) ({effective}\n<= on ({SERVICE_LABELS}) {declared})\n)\n"
         f"* on ({SERVICE_LABELS}) group_left (port, protocol, expose, exposure)\n"
         f"  (bindscope_service_info{{{VARS}}}\n"
         f"   * on ({SERVICE_LABELS}) group_left (exposure)\n"
@@ -456,7 +474,8 @@ def fleet(c: DashboardsConfig) -> dict[str, Any]:
         _published_ports_table((12, 8)),
         _table(
             "Protected by the firewall alone",
-            "Services bound wider than the firewall lets through: exposure is the bind's, "
+            "Services bound wider than declared that only the firewall keeps within their "
+            "declaration (status ok, no alert): exposure is the bind's, "
             "the value is how many levels (none < loopback < private < public) the "
             "firewall takes off. A firewall change would expose them.",
             [_target(narrowed, table=True)],

@@ -19,6 +19,7 @@ if [ "$(id -u)" = 0 ]; then
     command -v nsenter >/dev/null || need+=(util-linux)
     command -v kubectl >/dev/null || need+=(kubernetes-client)
     command -v systemd-analyze >/dev/null || need+=(systemd)
+    command -v ufw >/dev/null || need+=(ufw)
     if [ ${#need[@]} -gt 0 ]; then
         echo "run.sh: installing from Debian: ${need[*]}"
         apt-get update -qq

@@ -1,0 +1,283 @@
+"""diagnose's firewall step on rulesets recorded from nft, iptables-nft and ufw's rules
+(fixtures/firewall): the deciding rule, and the command that opens or closes the port."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bindscope.classify import exposure_of, host_address, scope_of
+from bindscope.diagnose import BY_HAND, Case, diagnose, step_firewall
+from bindscope.firewall import Ruleset, parse_iptables_save, parse_nft_json
+from bindscope.model import (
+    HOST_NETNS,
+    Exposure,
+    Firewall,
+    Listener,
+    ProcessInfo,
+    Protocol,
+    ServiceSpec,
+    Socket,
+    Status,
+    Verdict,
+)
+
+FIX = Path(__file__).parent / "fixtures" / "firewall"
+H4, H6 = "198.51.100.1", "2001:db8::1"
+HOSTS = (
+    host_address("lo", "127.0.0.1", 4),
+    host_address("lo", "::1", 6),
+    host_address("eth0", H4, 4),
+    host_address("eth0", H6, 6),
+)
+
+
+def load(name: str) -> Ruleset:
+    """As read_ruleset leaves it: iptables-nft's tables taken from its own -save output."""
+    rs = parse_nft_json((FIX / f"{name}.json").read_text())
+    if (FIX / f"{name}.save4").exists():
+        saved = parse_iptables_save(
+            (FIX / f"{name}.save4").read_text(),
+            (FIX / f"{name}.save6").read_text(),
+            backend="iptables-nft",
+        )
+        rs = rs.replace_tables(saved)
+    return rs
+
+
+def listener(address: str, port: int, v6only: bool | None = None, netns: str = HOST_NETNS):
+    sock = Socket(
+        protocol=Protocol.TCP,
+        address=address,
+        port=port,
+        family=6 if ":" in address else 4,
+        v6only=v6only,
+        inode=1,
+        netns=netns,
+    )
+    return Listener(
+        socket=sock,
+        process=ProcessInfo(pid=100, name="python3", cmdline=("python3", "app.py")),
+        scope=scope_of(address),
+        exposure=exposure_of(sock, HOSTS),
+    )
+
+
+def case(
+    listeners: list[Listener],
+    status: Status,
+    expose: Exposure = Exposure.PRIVATE,
+    rulesets: dict | None = None,
+) -> Case:
+    port = listeners[0].socket.port
+    spec = ServiceSpec(name="web", port=port, expose=expose)
+    verdict = Verdict(
+        service=spec, status=status, exposure=Exposure.PRIVATE, listeners=tuple(listeners)
+    )
+    return Case(
+        port=port,
+        verdicts=(verdict,),
+        declared=True,
+        listeners=tuple(listeners),
+        addresses=HOSTS,
+        rulesets=rulesets if rulesets is not None else {},
+    )
+
+
+@pytest.mark.parametrize(
+    ("fixture", "port", "expose", "status", "lines", "fixes"),
+    [
+        (
+            "inet_drop",
+            5000,
+            Exposure.PRIVATE,
+            Status.BLOCKED,
+            [
+                f"tcp {H4}: the firewall drops other hosts: "
+                "table inet filter, chain input: policy drop"
+            ],
+            [
+                "let other hosts in on 5000/tcp: "
+                "`nft insert rule inet filter input tcp dport 5000 accept`"
+            ],
+        ),
+        (
+            "inet_drop",
+            9100,
+            Exposure.PRIVATE,
+            Status.BLOCKED,
+            [
+                f"tcp {H4}: the firewall drops other hosts: table inet filter, chain input, "
+                "handle 21: `tcp dport 9100 reject`"
+            ],
+            [
+                "let other hosts in on 9100/tcp: "
+                "`nft insert rule inet filter input tcp dport 9100 accept`"
+            ],
+        ),
+        (
+            "inet_drop",
+            22,
+            Exposure.PRIVATE,
+            Status.OK,
+            [
+                f"tcp {H4}: the firewall accepts new connections from other hosts on {H4}: "
+                "ruled out, as the seed did (table inet filter, chain input, handle 15: "
+                '`tcp dport 22 counter accept comment "ssh"`)'
+            ],
+            [],
+        ),
+        (
+            "ufw",
+            9999,
+            Exposure.PRIVATE,
+            Status.BLOCKED,
+            [
+                f"tcp {H4}: the firewall drops other hosts: table ip filter, chain INPUT: "
+                "policy drop (written by ufw)"
+            ],
+            ["let other hosts in on 9999/tcp: `ufw allow 9999/tcp`"],
+        ),
+        (
+            "ufw",
+            5432,
+            Exposure.PRIVATE,
+            Status.OK,
+            [f"tcp {H4}: only some hosts get in (other sources or interfaces are dropped)"],
+            [],
+        ),
+        (
+            "ufw",
+            5000,
+            Exposure.LOOPBACK,
+            Status.OVEREXPOSED,
+            [f"{H4}: nothing but the bind keeps them out (table ip filter, chain ufw-user-input"],
+            ["or keep other hosts out at the firewall as well: `ufw deny 5000/tcp`"],
+        ),
+        (
+            "firewalld",
+            5000,
+            Exposure.LOOPBACK,
+            Status.OVEREXPOSED,
+            [
+                "nothing but the bind keeps them out "
+                "(table inet firewalld, chain filter_IN_public_allow"
+            ],
+            [
+                "or keep other hosts out at the firewall as well: `firewall-cmd --permanent "
+                "--zone=public --remove-port=5000/tcp && firewall-cmd --reload`"
+            ],
+        ),
+        (
+            "ufw",
+            8080,
+            Exposure.LOOPBACK,
+            Status.OK,
+            [
+                "-A ufw-user-input -p tcp -m tcp --dport 8080 -j DROP` (written by ufw)",
+                "  protected by the firewall alone: bind it to loopback as well",
+            ],
+            [],
+        ),
+        (
+            "unknown",
+            9300,
+            Exposure.PRIVATE,
+            Status.OK,
+            [f"tcp {H4}: undecided: limit rate 10/second: not modelled", BY_HAND],
+            [],
+        ),
+        (
+            "empty",
+            5000,
+            Exposure.PRIVATE,
+            Status.OK,
+            [f"{H4}: ruled out, as the seed did (no packet filter on the input path)"],
+            [],
+        ),
+    ],
+    ids=[
+        "nft-policy-drop-opens-with-nft",
+        "nft-reject-rule-named-by-handle",
+        "nft-accept-rules-it-out",
+        "ufw-policy-drop-opens-with-ufw-allow",
+        "ufw-source-restricted-accept",
+        "ufw-overexposed-closes-with-ufw-deny",
+        "firewalld-overexposed-closes-with-firewall-cmd",
+        "ufw-drop-protects-a-loopback-service",
+        "unknown-rule-is-checked-by-hand",
+        "no-filter-at-all",
+    ],
+)
+def test_step_names_the_rule_and_the_command(fixture, port, expose, status, lines, fixes):
+    c = case([listener("0.0.0.0", port)], status, expose, {HOST_NETNS: (load(fixture), "")})
+    f = step_firewall(c)
+    text = "\n".join(f.lines)
+    for line in lines:
+        assert line in text
+    assert list(f.fixes) == fixes
+    # a problem only where the firewall is the cause or the missing guard
+    assert f.problem == (status in (Status.BLOCKED, Status.OVEREXPOSED))
+
+
+def test_every_address_the_socket_takes_is_evaluated():
+    # an IPv6 wildcard with v6only off takes IPv4 too; the IPv6 side is dropped by policy
+    c = case(
+        [listener("::", 5432, v6only=False)],
+        Status.OK,
+        rulesets={HOST_NETNS: (load("inet_drop"), "")},
+    )
+    lines = step_firewall(c).lines
+    assert [line.split(": ", 1)[0] for line in lines if not line.startswith(" ")] == [
+        f"tcp {H4}",
+        f"tcp {H6}",
+    ]
+    assert "only some hosts get in" in lines[0]
+    assert "ip6 saddr 2001:db8::/64 accept" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("rulesets", "said"),
+    [
+        (
+            {HOST_NETNS: (None, "nft: Operation not permitted")},
+            "could not be read: nft: Operation not permitted",
+        ),
+        ({}, "was not read"),
+    ],
+    ids=["no-cap-net-admin", "not-read"],
+)
+def test_unreadable_firewall_is_said_with_the_commands_to_check_by_hand(rulesets, said):
+    f = step_firewall(case([listener("0.0.0.0", 5000)], Status.OK, rulesets=rulesets))
+    assert f.lines == (f"the firewall {said} (reading it needs CAP_NET_ADMIN)", BY_HAND)
+    assert (f.fixes, f.problem) == ((), False)
+
+
+def test_loopback_only_has_no_firewall_finding():
+    c = case(
+        [listener("127.0.0.1", 5000)],
+        Status.LOOPBACK_ONLY,
+        rulesets={HOST_NETNS: (load("ufw"), "")},
+    )
+    assert step_firewall(c) is None
+    assert "Does the firewall let other hosts in?" not in [f.title for f in diagnose(c).findings]
+
+
+def test_another_namespace_shows_the_scans_verdict():
+    inside = listener("0.0.0.0", 5000, netns="web-container")
+    inside = Listener(
+        inside.socket, inside.process, inside.scope, inside.exposure, firewall=Firewall.DROP
+    )
+    f = step_firewall(case([inside], Status.OK))
+    assert f.lines == (
+        "tcp 0.0.0.0:5000 (netns web-container): the scan's verdict: drop "
+        "(rules are named for this namespace only)",
+    )
+
+
+def test_blocked_gathers_the_opening_command_instead_of_the_generic_hint():
+    c = case([listener("0.0.0.0", 9999)], Status.BLOCKED, rulesets={HOST_NETNS: (load("ufw"), "")})
+    d = diagnose(c)
+    assert d.problem
+    assert d.fixes == ("let other hosts in on 9999/tcp: `ufw allow 9999/tcp`",)

@@ -1,0 +1,322 @@
+"""Issue 11 end to end: a port dropped by the server namespace's firewall (nft, iptables,
+ufw), as the client namespace, the exporter and `bindscope diagnose` each see it.
+
+Every rule is written inside the test's server namespace only; the namespaces go away
+with the `two_hosts` fixture, and the rules with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import TOOL, Metrics, TwoHosts, require_binary, wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+
+SCAN_INTERVAL = 0.5
+EXPORTER_PORT = 9917
+APP_PORT = 7000
+DB_PORT = 5432
+S4 = TwoHosts.SERVER4
+TIMED_OUT = "TimeoutError: timed out"
+CONFIG = """\
+scan_interval: 500ms
+probe:
+  timeout: 500ms
+services:
+  - {name: app, port: 7000, expose: private}
+  - {name: db, port: 5432, expose: loopback}
+"""
+
+# Accepts and closes, so neither the probes nor the client fill its backlog; bounded in
+# time, and killed by the fixture long before.
+LISTENER = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+s.settimeout(0.5)
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        s.accept()[0].close()
+    except TimeoutError:
+        pass
+"""
+
+
+class Server:
+    """The server namespace: the exporter and the listeners, scraped from the client."""
+
+    def __init__(self, hosts: TwoHosts, start_exporter: Callable, tmp: Path) -> None:
+        self.hosts = hosts
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+        self.exporter = start_exporter(
+            CONFIG,
+            ready=False,
+            prefix=hosts.prefix(hosts.server),
+            listen=f"0.0.0.0:{EXPORTER_PORT}",
+            port=EXPORTER_PORT,
+        )
+
+    def exec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.hosts.exec(self.hosts.server, *args, check=check)
+
+    def listen(self, port: int) -> None:
+        script = self.tmp / "listener.py"  # a file, so diagnose shows a one-line command
+        script.write_text(LISTENER)
+        self.procs.append(
+            subprocess.Popen(
+                [*self.hosts.prefix(self.hosts.server), sys.executable, str(script), str(port)],
+                start_new_session=True,
+            )
+        )
+
+    def scrape(self) -> Metrics | None:
+        if self.exporter.proc.poll() is not None:
+            raise AssertionError(f"exporter exited: {self.exporter.log()}")
+        try:
+            text = self.hosts.fetch(f"http://{S4}:{EXPORTER_PORT}/metrics", timeout=2)
+        except subprocess.CalledProcessError:
+            return None
+        return Metrics(text)
+
+    def wait(self, predicate: Callable[[Metrics], bool], what: str, timeout: float = 15.0):
+        def attempt() -> Metrics | None:
+            m = self.scrape()
+            return m if m is not None and predicate(m) else None
+
+        return wait_for(attempt, timeout, interval=0.1, what=what)
+
+    def wait_scan_after(self, t: float, what: str) -> Metrics:
+        """The first scan begun after t: at most one interval, the scan and a scrape away."""
+
+        def begun_after(m: Metrics) -> bool:
+            end = m.get("bindscope_last_scan_timestamp_seconds") or 0.0
+            return end - (m.get("bindscope_scan_duration_seconds") or 0.0) > t
+
+        return self.wait(begun_after, what, SCAN_INTERVAL + 3.0)
+
+    def diagnose(self, port: int) -> tuple[int, str]:
+        r = subprocess.run(
+            [
+                *self.hosts.prefix(self.hosts.server),
+                *TOOL,
+                "diagnose",
+                str(port),
+                f"--config.file={self.exporter.config_path}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        return r.returncode, r.stdout + r.stderr
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@pytest.fixture
+def server(two_hosts: TwoHosts, exporter, tmp_path: Path) -> Iterator[Server]:
+    """Torn down before `exporter` and `two_hosts`: listeners, exporter, namespaces."""
+    srv = Server(two_hosts, exporter, tmp_path)
+    try:
+        srv.wait(lambda m: m.get("bindscope_scan_success") == 1, "a first scan")
+        yield srv
+    finally:
+        srv.close()
+
+
+# --- the ways to drop a port for other hosts, each with how to undo it ---
+
+
+@dataclass
+class Drop:
+    """Drops `port` for other hosts in the server namespace; `undo` lets them in again."""
+
+    rule: str  # the deciding rule's text, as diagnose shows it
+    opening: tuple[str, ...]  # the command diagnose names to open the port: one of these
+    undo: Callable[[], object]
+
+
+def nft_drop(srv: Server, port: int) -> Drop:
+    require_binary("nft")
+    srv.exec("nft", "add", "table", "inet", "e2e")
+    base = "{ type filter hook input priority 0; policy accept; }"
+    srv.exec("nft", "add", "chain", "inet", "e2e", "input", base)
+    rule = ("tcp", "dport", str(port), "iifname", "!=", '"lo"', "drop")
+    echo = srv.exec("nft", "-e", "-a", "add", "rule", "inet", "e2e", "input", *rule).stdout
+    handle = re.search(r"# handle (\d+)", echo).group(1)
+    text = f'tcp dport {port} iifname != "lo" drop'
+    return Drop(
+        rule=f"table inet e2e, chain input, handle {handle}: `{text}`",
+        opening=(f"nft insert rule inet e2e input tcp dport {port} accept",),
+        undo=lambda: srv.exec("nft", "delete", "rule", "inet", "e2e", "input", "handle", handle),
+    )
+
+
+def iptables_drop(srv: Server, port: int) -> Drop:
+    require_binary("iptables")
+    rule = ("INPUT", "-p", "tcp", "--dport", str(port), "!", "-i", "lo", "-j", "DROP")
+    srv.exec("iptables", "-A", *rule)
+    # iptables-nft writes this rule in nft's native terms (no xt match), so nft's JSON
+    # carries it, with the handle `nft -a list ruleset` shows
+    listed = json.loads(srv.exec("nft", "-j", "list", "chain", "ip", "filter", "INPUT").stdout)
+    handle = [i["rule"]["handle"] for i in listed["nftables"] if "rule" in i][-1]
+    return Drop(
+        rule=f'table ip filter, chain INPUT, handle {handle}: `iifname != "lo" tcp dport {port}',
+        opening=(
+            f"iptables -I INPUT -p tcp --dport {port} -j ACCEPT",
+            f"nft insert rule ip filter INPUT tcp dport {port} accept",
+        ),
+        undo=lambda: srv.exec("iptables", "-D", *rule),
+    )
+
+
+def ufw(srv: Server, *args: str) -> str:
+    """ufw in the server namespace, its state in a private copy of /etc/ufw: the host's
+    files, rules and sysctls are never touched (the copy's sysctl file is empty)."""
+    state = srv.tmp / "ufw"
+    if not state.exists():
+        state.mkdir()
+        shutil.copytree("/etc/ufw", state / "etc-ufw", symlinks=True)
+        shutil.copytree("/lib/ufw", state / "lib-ufw", symlinks=True)
+        shutil.copytree("/etc/default", state / "etc-default", symlinks=True)
+        (state / "sysctl.conf").write_text("")
+        defaults = (state / "etc-default" / "ufw").read_text()
+        (state / "etc-default" / "ufw").write_text(
+            re.sub(r"(?m)^IPT_SYSCTL=.*$", f"IPT_SYSCTL={state / 'sysctl.conf'}", defaults)
+        )
+    mounts = " && ".join(
+        f"mount --bind {state / src} {dst}"
+        for src, dst in (
+            ("etc-ufw", "/etc/ufw"),
+            ("lib-ufw", "/lib/ufw"),
+            ("etc-default", "/etc/default"),
+        )
+    )
+    # `ip netns exec` already gives a mount namespace; unshare makes one this call owns
+    script = f"{mounts} && ufw {' '.join(args)}"
+    return srv.exec("unshare", "--mount", "--propagation", "private", "sh", "-c", script).stdout
+
+
+def ufw_drop(srv: Server, port: int) -> Drop:
+    require_binary("ufw", "unshare")
+    ufw(srv, "allow", f"{EXPORTER_PORT}/tcp")  # Prometheus, on the client, still scrapes
+    ufw(srv, "--force", "enable")  # default: deny incoming
+    return Drop(
+        rule="table ip filter, chain INPUT: policy drop (written by ufw)",
+        opening=(f"ufw allow {port}/tcp",),
+        undo=lambda: ufw(srv, "allow", f"{port}/tcp"),
+    )
+
+
+WRITERS = [nft_drop, iptables_drop, ufw_drop]
+WRITER_IDS = ["nft-rule", "iptables-command", "ufw"]
+
+
+def shown(m: Metrics, service: str, port: int) -> list[str]:
+    """The metric lines a person compares with the client's connect."""
+    keep = []
+    for line in m.text.splitlines():
+        ours = f'service="{service}"' in line or f'port="{port}"' in line
+        if (
+            ours
+            and line.startswith(
+                (
+                    "bindscope_service_status",
+                    "bindscope_service_exposure",
+                    "bindscope_service_effective_exposure",
+                    "bindscope_listener_firewall_info",
+                )
+            )
+            and line.endswith(" 1.0")
+        ):
+            keep.append(line)
+    return keep
+
+
+@pytest.mark.parametrize("write", WRITERS, ids=WRITER_IDS)
+def test_dropped_for_other_hosts_is_blocked_until_the_rule_goes(server, write):
+    hosts = server.hosts
+    server.listen(APP_PORT)
+    server.wait(lambda m: m.status("app") == "ok", "app ok before any rule")
+    assert hosts.connect(S4, APP_PORT, timeout=1.0) == "ok"
+
+    drop = write(server, APP_PORT)
+    m = server.wait(lambda m: m.status("app") == "blocked", "app blocked")
+    client = hosts.connect(S4, APP_PORT, timeout=1.0)
+    assert client == TIMED_OUT
+    assert m.exposure("app") == "private"
+    assert m.get("bindscope_service_effective_exposure", service="app", exposure="loopback") == 1
+    fw = {"protocol": "tcp", "address": "0.0.0.0", "port": str(APP_PORT), "netns": "host"}
+    assert m.get("bindscope_listener_firewall_info", verdict="drop", **fw) == 1
+
+    code, out = server.diagnose(APP_PORT)
+    assert code == 1, out
+    assert f"tcp {S4}: the firewall drops other hosts: {drop.rule}" in out
+    assert any(f"let other hosts in on {APP_PORT}/tcp: `{c}`" in out for c in drop.opening), out
+    assert "Result: PROBLEM (blocked)" in out
+    print(f"client$ connect {S4}:{APP_PORT} -> {client}", *shown(m, "app", APP_PORT), sep="\n")
+    print(f"server$ bindscope diagnose {APP_PORT}\n{out}")
+
+    drop.undo()
+    undone = time.time()
+    m = server.wait_scan_after(undone, "a scan begun after the rule went")
+    assert m.status("app") == "ok"
+    assert m.get("bindscope_service_effective_exposure", service="app", exposure="private") == 1
+    assert m.get("bindscope_listener_firewall_info", verdict="accept", **fw) == 1
+    assert hosts.connect(S4, APP_PORT, timeout=1.0) == "ok"
+
+
+def test_database_protected_by_the_firewall_alone_is_ok_and_overexposed_without_it(server):
+    server.listen(DB_PORT)
+    drop = nft_drop(server, DB_PORT)
+    m = server.wait(
+        lambda m: (
+            m.get("bindscope_service_effective_exposure", service="db", exposure="loopback") == 1
+        ),
+        "db narrowed to loopback by the firewall",
+    )
+    client = server.hosts.connect(S4, DB_PORT, timeout=1.0)
+    assert client == TIMED_OUT
+    # bound wide, reachable by nobody else: no alert, the dashboard's "firewall alone"
+    assert (m.status("db"), m.exposure("db")) == ("ok", "private")
+    print(f"client$ connect {S4}:{DB_PORT} -> {client}", *shown(m, "db", DB_PORT), sep="\n")
+    code, out = server.diagnose(DB_PORT)
+    assert code == 0, out
+    assert f"tcp {S4}: the firewall drops other hosts: {drop.rule}" in out
+    assert "protected by the firewall alone" in out
+    print(f"server$ bindscope diagnose {DB_PORT}\n{out}")
+
+    drop.undo()
+    m = server.wait_scan_after(time.time(), "a scan begun after the rule went")
+    assert m.status("db") == "overexposed"
+    assert server.hosts.connect(S4, DB_PORT, timeout=1.0) == "ok"
+    code, out = server.diagnose(DB_PORT)
+    assert code == 1, out
+    assert (
+        f"tcp {S4}: the firewall accepts new connections from other hosts on {S4}: "
+        "nothing but the bind keeps them out (table inet e2e, chain input: policy accept)"
+    ) in out
+    assert f"`nft insert rule inet e2e input tcp dport {DB_PORT} drop`" in out
+    print(f"server$ bindscope diagnose {DB_PORT}\n{out}")
