@@ -55,8 +55,14 @@ class _Decisions:
     only the keys used by the latest scan are kept, so memory follows the listeners.
     """
 
-    def __init__(self, ruleset: firewall.Ruleset | None, previous: _Decisions | None) -> None:
+    def __init__(
+        self,
+        ruleset: firewall.Ruleset | None,
+        previous: _Decisions | None,
+        error: Callable[[str, str], None],
+    ) -> None:
         self.ruleset = ruleset
+        self._error = error
         self._old = previous._new if previous and previous.ruleset is ruleset else {}
         self._new: dict[tuple[str, int, str, int], Firewall] = {}
 
@@ -67,8 +73,12 @@ class _Decisions:
             if self.ruleset is None:
                 verdict = Firewall.UNKNOWN
             else:
-                d = firewall.evaluate(self.ruleset, key[0], key[1], key[2], key[3])
-                verdict = Firewall(d.verdict.value)
+                try:
+                    d = firewall.evaluate(self.ruleset, key[0], key[1], key[2], key[3])
+                    verdict = Firewall(d.verdict.value)
+                except Exception as e:  # a rule shape the evaluator chokes on: say unknown
+                    self._error("firewall", f"evaluating {key}: {type(e).__name__}: {e}")
+                    verdict = Firewall.UNKNOWN
         self._new[key] = verdict
         return verdict
 
@@ -84,7 +94,7 @@ class _Rulesets:
         ruleset, err = self._get(view)
         if ruleset is None:
             error("firewall", f"{view.label}: {err}")
-        decisions = _Decisions(ruleset, self._decisions.get(view.label))
+        decisions = _Decisions(ruleset, self._decisions.get(view.label), error)
         self._decisions[view.label] = decisions
         return decisions
 
@@ -107,7 +117,10 @@ class _Rulesets:
             and now - cached[1] < NETFILTER_MAX_AGE
         ):
             return cached[2], cached[3]
-        ruleset, err = firewall.read_ruleset(None if host else view.path)
+        try:
+            ruleset, err = firewall.read_ruleset(None if host else view.path)
+        except Exception as e:  # output of a shape the parser does not know
+            ruleset, err = None, f"{type(e).__name__}: {e}"
         self._cache[view.label] = (gen, now, ruleset, err)
         return ruleset, err
 
@@ -284,7 +297,10 @@ class Scanner:
     ) -> tuple[Published, ...]:
         if self._published is None:
             return ()
-        ports, errors = self._published.get()
+        try:
+            ports, errors = self._published.get()
+        except Exception as e:  # NAT rules of a shape the parser does not know
+            ports, errors = [], [f"{type(e).__name__}: {e}"]
         for detail in errors:
             self.error("nat", detail)
         owners = {

@@ -73,7 +73,11 @@ class Inventory:
         seen = set()
         for ns in found[1:]:
             seen.add(ns.inode)
-            view = self._other(ns)
+            try:
+                view = self._other(ns)
+            except Exception as e:  # one namespace (often one that vanished) spoils no scan
+                self._error("netns", f"{ns.label}: {type(e).__name__}: {e}")
+                continue
             if view is not None:
                 views.append(view)
         for inode in set(self._sockets) - seen:  # the namespace is gone: let it go
