@@ -277,8 +277,10 @@ def read_source(process: ProcessInfo, proc: str = "/proc") -> Source | None:
     try:
         if not os.path.isabs(path):
             path = os.path.join(os.readlink(f"{proc}/{process.pid}/cwd"), path)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return Source(os.path.normpath(path), f.read(MAX_SOURCE))
+        path = os.path.normpath(path)
+        # through the process's own root: a script inside a container is found there
+        with open(f"{proc}/{process.pid}/root{path}", encoding="utf-8", errors="replace") as f:
+            return Source(path, f.read(MAX_SOURCE))
     except OSError:
         return None
 

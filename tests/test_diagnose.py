@@ -403,10 +403,21 @@ def test_read_source_resolves_the_script_against_the_process_cwd(tmp_path: Path)
     (tmp_path / "srv" / "app.py").write_text(FLASK_APP)
     (tmp_path / "proc" / "42").mkdir(parents=True)
     os.symlink(tmp_path / "srv", tmp_path / "proc" / "42" / "cwd")
+    os.symlink("/", tmp_path / "proc" / "42" / "root")  # a process on the host
     got = read_source(proc(PY, "app.py", pid=42), proc=str(tmp_path / "proc"))
     assert got == Source(str(tmp_path / "srv" / "app.py"), FLASK_APP)
     assert read_source(proc(PY, "missing.py", pid=42), proc=str(tmp_path / "proc")) is None
     assert read_source(proc("/usr/sbin/sshd", pid=42), proc=str(tmp_path / "proc")) is None
+
+
+def test_read_source_reads_a_container_script_through_the_process_root(tmp_path: Path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "app").mkdir(parents=True)
+    (rootfs / "app" / "main.py").write_text(FLASK_APP)
+    (tmp_path / "proc" / "7").mkdir(parents=True)
+    os.symlink(rootfs, tmp_path / "proc" / "7" / "root")
+    got = read_source(proc(PY, "/app/main.py", pid=7), proc=str(tmp_path / "proc"))
+    assert got == Source("/app/main.py", FLASK_APP)  # the path as the container sees it
 
 
 # --- init's plan, pure ---
