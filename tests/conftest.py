@@ -341,8 +341,12 @@ def _leftover_namespaces() -> Iterator[None]:
         for line in out.splitlines():
             name = line.split()[0] if line.split() else ""
             parts = name.split("-")
-            if (name.startswith(("bss-", "bsc-")) and len(parts) == 3 and parts[1].isdigit()
-                    and not Path(f"/proc/{parts[1]}").exists()):
+            if (
+                name.startswith(("bss-", "bsc-"))
+                and len(parts) == 3
+                and parts[1].isdigit()
+                and not Path(f"/proc/{parts[1]}").exists()
+            ):
                 run("ip", "netns", "del", name, check=False)
     yield
 
@@ -428,6 +432,7 @@ def podman() -> Iterator[Podman]:
     by whoever made it (removal fails while another test still uses it)."""
     require_root()
     require_binary("podman", "runc")
+
     def exists() -> bool:
         return run(*PODMAN, "network", "exists", PODMAN_NETWORK, check=False).returncode == 0
 
