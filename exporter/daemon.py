@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import html
 import logging
+import signal
 import threading
 import time
 
@@ -25,6 +26,7 @@ from bindscope.collector import ReloadState, RuntimeCollector, render
 from bindscope.config import Config, ConfigError, load_config
 from bindscope.model import Snapshot, Status
 from bindscope.scan import Scanner
+from bindscope.web import MAIN_THREAD_SIGNALS
 
 log = logging.getLogger("bindscope.daemon")
 
@@ -46,8 +48,8 @@ class Daemon:
         self._snapshot: Snapshot | None = None
         self._body: tuple[bytes, bytes] = (b"", gzip.compress(b""))  # plain, gzipped
         self._reload = ReloadState(successful=True, success_timestamp=time.time())
-        self._reload_lock = threading.Lock()
-        self._reloading: int | None = None  # the thread in reload(), if any
+        self._reload_lock = threading.RLock()
+        self._reload_depth = 0  # reload() calls in progress, nested ones by signals
         self._reload_again = False
         self._runtime_cache: tuple[object, bytes, bytes] = (None, b"", b"")
         self._stop = threading.Event()
@@ -80,6 +82,9 @@ class Daemon:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        # signals go to the main thread, which alone runs Python's handlers (web.py
+        # says why); threads the scan starts inherit this mask
+        signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
         while not self._stop.is_set():
             started = time.monotonic()
             try:
@@ -102,22 +107,22 @@ class Daemon:
         """Re-read the config file; on error keep the last good config and say why.
 
         SIGHUP calls this from a signal handler, which may fire again while the main
-        thread is inside reload(): that nested call only asks the running one to read
-        the file once more (waiting for the lock would deadlock the thread on itself),
-        so the last file written is the one that stays in force.
+        thread is inside reload(). The lock is reentrant so that thread never waits on
+        itself, and a nested call only asks the running one to read the file once more:
+        the last file written is the one that stays in force.
         """
-        if self._reloading == threading.get_ident():
-            self._reload_again = True
-            return True, "a reload is running in this thread; it reads the file again"
         with self._reload_lock:
-            self._reloading = threading.get_ident()
+            self._reload_depth += 1
             try:
+                if self._reload_depth > 1:
+                    self._reload_again = True
+                    return True, "a reload is running in this thread; it reads the file again"
                 ok, message = self._load()
                 while self._reload_again:
                     self._reload_again = False
                     ok, message = self._load()
             finally:
-                self._reloading = None
+                self._reload_depth -= 1
         self._wake.set()  # judge the new config now rather than at the next tick
         return ok, message
 

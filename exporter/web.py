@@ -8,6 +8,7 @@ half-open clients.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import ssl
 import threading
@@ -220,12 +221,23 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(part)
 
 
+# handled by the main thread only: a signal the kernel hands to another thread leaves the
+# main thread asleep, and Python runs the handler only when that one wakes up
+MAIN_THREAD_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
+def _serve_forever(srv: Server) -> None:
+    # connection threads are started from this one and inherit the mask
+    signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+    srv.serve_forever(poll_interval=0.2)
+
+
 def serve(servers: list[Server]) -> list[threading.Thread]:
     threads = []
     for srv in servers:
         t = threading.Thread(
-            target=srv.serve_forever,
-            kwargs={"poll_interval": 0.2},
+            target=_serve_forever,
+            args=(srv,),
             name=f"http-{srv.endpoint[1]}",
             daemon=True,
         )

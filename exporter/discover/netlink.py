@@ -37,7 +37,7 @@ _REQ = struct.Struct("=BBBBI48s")
 # big-endian, src, dst 16 bytes each, interface, cookie[2]), expires, rqueue, wqueue, uid, inode
 _MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
 _RTA = struct.Struct("=HH")
-_SPORT, _DPORT, _SRC, _DST, _UID = 4, 6, 8, 24, 64  # offsets into inet_diag_msg
+_SPORT = 4  # offset of the source port in inet_diag_msg
 
 # (protocol, IPPROTO, state bit) for each dump
 _QUERIES = (
@@ -128,18 +128,12 @@ def _dump(
                     return
                 start = offset + _NLMSGHDR.size
                 # a UDP socket with port 0 is not bound: nothing listens
-                if (
-                    mtype == SOCK_DIAG_BY_FAMILY
-                    and data[start + _SPORT : start + _DPORT] != b"\0\0"
+                if mtype == SOCK_DIAG_BY_FAMILY and (
+                    data[start + _SPORT] or data[start + _SPORT + 1]
                 ):
-                    # what identifies the socket and cannot change while it lives: port
-                    # and address, uid, inode and attributes (v6only); not the queues
-                    key = (
-                        ipproto,
-                        data[start + _SPORT : start + _DPORT]
-                        + data[start + _SRC : start + _DST]
-                        + data[start + _UID : offset + length],
-                    )
+                    # the record as the kernel wrote it: a listener's is the same from
+                    # dump to dump (a busy UDP socket's queue moves: it is parsed again)
+                    key = (ipproto, data[start : offset + length])
                     parsed = previous.get(key)
                     if parsed is None:
                         parsed = _parse(data, start, offset + length, protocol, netns)
