@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bindscope.discover.namespaces import (
+    Memberships,
     addresses_in_namespace,
     enumerate_namespaces,
     in_namespace,
@@ -258,3 +259,29 @@ def test_in_namespace_without_cap_sys_admin_is_eperm(named_netns):
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_memberships_read_new_pids_each_scan_and_all_pids_on_refresh(tmp_path):
+    """A fake /proc: a known pid is not read again until the refresh is due."""
+    now = [0.0]
+    memo = Memberships(clock=lambda: now[0])
+    (tmp_path / "self" / "ns").mkdir(parents=True)
+    (tmp_path / "self" / "ns" / "net").write_text("")
+    for pid, ns in (("10", "net:[111]"), ("11", "net:[222]")):
+        (tmp_path / pid / "ns").mkdir(parents=True)
+        os.symlink(ns, tmp_path / pid / "ns" / "net")
+        (tmp_path / pid / "cgroup").write_text("0::/user.slice\n")
+
+    def inodes():
+        found, _ = enumerate_namespaces(str(tmp_path), str(tmp_path / "none"), memo)
+        return sorted(ns.inode for ns in found[1:])
+
+    assert inodes() == [111, 222]
+    os.unlink(tmp_path / "11" / "ns" / "net")  # pid 11 moved to another namespace
+    os.symlink("net:[333]", tmp_path / "11" / "ns" / "net")
+    assert inodes() == [111, 222]  # remembered: not read again yet
+    now[0] += Memberships.REFRESH
+    assert inodes() == [111, 333]  # the refresh reads every pid
+    shutil.rmtree(tmp_path / "10")  # exited: forgotten
+    assert inodes() == [333]
+    assert set(memo.inode_of) == {11}

@@ -20,6 +20,7 @@ from bindscope.containers import ContainerNames
 from bindscope.discover import netlink, psutil_backend
 from bindscope.discover.addresses import host_addresses
 from bindscope.discover.namespaces import (
+    Memberships,
     Namespace,
     addresses_in_namespace,
     enumerate_namespaces,
@@ -54,6 +55,7 @@ class Inventory:
         self._namespaces = namespaces
         self._sockets: dict[int, socket.socket] = {}  # netns inode -> netlink socket in it
         self._names = ContainerNames()
+        self._memberships = Memberships()
 
     @property
     def backend(self) -> str:
@@ -64,7 +66,7 @@ class Inventory:
         if not self._namespaces:
             return views
         try:
-            found, errors = enumerate_namespaces()
+            found, errors = enumerate_namespaces(memo=self._memberships)
         except OSError as e:
             self._error("netns", f"listing namespaces: {e}")
             return views

@@ -9,6 +9,7 @@ import ipaddress
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -41,8 +42,40 @@ class Namespace:
         return self.containers[0] if self.containers else None
 
 
+class Memberships:
+    """pid -> network namespace inode, remembered between scans.
+
+    Reading /proc/PID/ns/net of 2000 processes costs ~10 ms a scan; a process's
+    namespace rarely changes after its first milliseconds (`ip netns exec`, a runtime's
+    init), so known pids are re-read only every REFRESH seconds and new ones every scan.
+    The namespace inodes' containers are remembered the same way.
+    """
+
+    REFRESH = 30.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.inode_of: dict[int, int] = {}
+        self.containers_of: dict[int, tuple[ContainerRef, ...]] = {}
+        self._refreshed = -self.REFRESH
+
+    def begin(self) -> bool:
+        """Start a scan; True when every pid is to be read again."""
+        now = self._clock()
+        if now - self._refreshed >= self.REFRESH:
+            self._refreshed = now
+            self.inode_of.clear()
+            self.containers_of.clear()
+            return True
+        return False
+
+    def end(self, alive: set[int], inodes: set[int]) -> None:
+        self.inode_of = {p: i for p, i in self.inode_of.items() if p in alive}
+        self.containers_of = {i: c for i, c in self.containers_of.items() if i in inodes}
+
+
 def enumerate_namespaces(
-    proc: str = "/proc", run_netns: str = "/run/netns"
+    proc: str = "/proc", run_netns: str = "/run/netns", memo: Memberships | None = None
 ) -> tuple[list[Namespace], list[str]]:
     """The host's namespace first, then every other one, with errors that are not fatal.
 
@@ -53,20 +86,29 @@ def enumerate_namespaces(
     own = os.stat(f"{proc}/self/ns/net")
     members: dict[int, list[int]] = {}
     denied = 0
+    if memo is not None:
+        memo.begin()
+    known = memo.inode_of if memo is not None else {}
+    alive: set[int] = set()
     for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
-        try:
-            # "net:[INODE]"; readlink costs half a stat of the magic link, which counts
-            # with thousands of processes.
-            inode = int(os.readlink(f"{entry.path}/ns/net")[5:-1])
-        except (PermissionError, ProcessLookupError) as e:
-            # ESRCH/ENOENT: it exited meanwhile (or is a kernel thread); not an error.
-            denied += isinstance(e, PermissionError)
-            continue
-        except FileNotFoundError:
-            continue
-        members.setdefault(inode, []).append(int(entry.name))
+        pid = int(entry.name)
+        alive.add(pid)
+        inode = known.get(pid)
+        if inode is None:
+            try:
+                # "net:[INODE]"; readlink costs half a stat of the magic link, which
+                # counts with thousands of processes.
+                inode = int(os.readlink(f"{entry.path}/ns/net")[5:-1])
+            except (PermissionError, ProcessLookupError) as e:
+                # ESRCH/ENOENT: it exited meanwhile (or is a kernel thread); not an error.
+                denied += isinstance(e, PermissionError)
+                continue
+            except FileNotFoundError:
+                continue
+            known[pid] = inode
+        members.setdefault(inode, []).append(pid)
     if denied:
         errors.append(f"{denied} processes' {proc}/PID/ns/net not readable (permission denied)")
 
@@ -78,13 +120,20 @@ def enumerate_namespaces(
         if inode == own.st_ino:
             continue
         pids = _pids(members, inode)
-        refs = _containers(pids, proc)
+        if memo is not None and inode in memo.containers_of:
+            refs = memo.containers_of[inode]
+        else:
+            refs = _containers(pids, proc)
+            if memo is not None:
+                memo.containers_of[inode] = refs
         if inode in named:
             label, path = named[inode], f"{run_netns}/{named[inode]}"
         else:
             label, path = f"netns:{inode}", f"{proc}/{pids[0]}/ns/net"
         kind = "container" if refs else "named" if inode in named else "other"
         found.append(Namespace(inode, label, path, pids, kind, refs))
+    if memo is not None:
+        memo.end(alive, {ns.inode for ns in found})
     return found, errors
 
 
