@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from bindscope.classify import accepted_families, reachable_addresses, scope_of
 from bindscope.firewall import (
     Decision,
-    FirewallVerdict,
     Ruleset,
     closing_command,
     evaluate,
@@ -847,7 +846,7 @@ def step_firewall(case: Case) -> Finding | None:
             d = evaluate(ruleset, proto, a.family, a.address, case.port)
             rule = deciding_rule(d)
             head = f"{proto} {a.address}:"
-            if d.verdict is FirewallVerdict.ACCEPT:
+            if d.verdict is Firewall.ACCEPT:
                 if d.restricted:
                     lines.append(f"{head} only some hosts get in ({d.reason}): {rule}")
                 else:
@@ -867,7 +866,7 @@ def step_firewall(case: Case) -> Finding | None:
                         f"`{closing_command(d, proto, case.port)}`"
                     )
                     problem = True
-            elif d.verdict is FirewallVerdict.DROP:
+            elif d.verdict is Firewall.DROP:
                 lines.append(f"{head} the firewall drops other hosts: {rule}")
                 opening = opening_command(d, proto, case.port)
                 if status is Status.BLOCKED:

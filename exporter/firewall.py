@@ -8,7 +8,6 @@ never a guess. docs/firewall.md lists the supported subset.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import ipaddress
 import json
 import os
@@ -20,18 +19,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class FirewallVerdict(enum.Enum):
-    ACCEPT = "accept"
-    DROP = "drop"
-    UNKNOWN = "unknown"
+from bindscope.model import Firewall
 
 
 @dataclass(frozen=True)
 class Decision:
     """The answer for one (protocol, family, address, port), and the rule that gave it."""
 
-    verdict: FirewallVerdict
+    verdict: Firewall
     table: str = ""
     chain: str = ""
     handle: int | None = None
@@ -547,7 +542,7 @@ class _Fork:
 
 @dataclass(frozen=True)
 class _Outcome:
-    verdict: FirewallVerdict
+    verdict: Firewall
     chain: Chain | None = None
     rule: Rule | None = None
     text: str = ""
@@ -574,7 +569,7 @@ def evaluate(
     then says that others do not).
     """
     if ruleset is None:
-        return Decision(FirewallVerdict.UNKNOWN, reason="the ruleset could not be read")
+        return Decision(Firewall.UNKNOWN, reason="the ruleset could not be read")
     addr = int(ipaddress.ip_address(daddr))
     if from_loopback:
         starts = [_Packet(family, protocol, addr, dport, "lo", ((addr, addr),), ((1, 65535),))]
@@ -591,7 +586,7 @@ def evaluate(
         runs += 1
         if runs > _MAX_RUNS:
             return Decision(
-                FirewallVerdict.UNKNOWN, reason=f"more than {_MAX_RUNS} source-dependent paths"
+                Firewall.UNKNOWN, reason=f"more than {_MAX_RUNS} source-dependent paths"
             )
         result = _walk(ruleset, starts.pop())
         if isinstance(result, _Fork):
@@ -602,8 +597,8 @@ def evaluate(
 
 
 def _decide(ruleset: Ruleset, outcomes: list[_Outcome]) -> Decision:
-    accepted = [o for o in outcomes if o.verdict is FirewallVerdict.ACCEPT]
-    unknown = [o for o in outcomes if o.verdict is FirewallVerdict.UNKNOWN]
+    accepted = [o for o in outcomes if o.verdict is Firewall.ACCEPT]
+    unknown = [o for o in outcomes if o.verdict is Firewall.UNKNOWN]
     if accepted:
         chosen = accepted[0]
         restricted = len(accepted) < len(outcomes)
@@ -682,9 +677,9 @@ def _walk(ruleset: Ruleset, pkt: _Packet) -> _Outcome | _Fork:
         result = _run_chain(ruleset, chain, pkt)
         if isinstance(result, _Fork):
             return result
-        if result.verdict is FirewallVerdict.DROP:
+        if result.verdict is Firewall.DROP:
             return result
-        if result.verdict is FirewallVerdict.UNKNOWN:
+        if result.verdict is Firewall.UNKNOWN:
             if result.text == "packet changed":
                 return pending or result
             pending = pending or result
@@ -696,7 +691,7 @@ def _walk(ruleset: Ruleset, pkt: _Packet) -> _Outcome | _Fork:
         return pending
     if first_accept:
         return first_accept
-    return last_policy or _Outcome(FirewallVerdict.ACCEPT, text="no filter")
+    return last_policy or _Outcome(Firewall.ACCEPT, text="no filter")
 
 
 def _run_chain(ruleset: Ruleset, base: Chain, pkt: _Packet) -> _Outcome | _Fork:
@@ -718,7 +713,7 @@ def _run_chain(ruleset: Ruleset, base: Chain, pkt: _Packet) -> _Outcome | _Fork:
         if isinstance(eff, _Unknown):
             changed = eff.reason.startswith(("dnat", "notrack", "redirect"))
             return _Outcome(
-                FirewallVerdict.UNKNOWN,
+                Firewall.UNKNOWN,
                 chain,
                 rule,
                 "packet changed" if changed else "",
@@ -726,33 +721,31 @@ def _run_chain(ruleset: Ruleset, base: Chain, pkt: _Packet) -> _Outcome | _Fork:
             )
         kind, target = eff
         if kind == "accept":
-            return _Outcome(FirewallVerdict.ACCEPT, chain, rule)
+            return _Outcome(Firewall.ACCEPT, chain, rule)
         if kind == "drop":
-            return _Outcome(FirewallVerdict.DROP, chain, rule)
+            return _Outcome(Firewall.DROP, chain, rule)
         if kind in ("jump", "goto"):
             nxt = ruleset.chain(chain.family, chain.table, target, chain.backend)
             if nxt is None:
                 return _Outcome(
-                    FirewallVerdict.UNKNOWN, chain, rule, reason=f"{kind} to missing chain {target}"
+                    Firewall.UNKNOWN, chain, rule, reason=f"{kind} to missing chain {target}"
                 )
             if kind == "jump":
                 if len(stack) >= 16:
-                    return _Outcome(
-                        FirewallVerdict.UNKNOWN, chain, rule, reason="jumps nested too deep"
-                    )
+                    return _Outcome(Firewall.UNKNOWN, chain, rule, reason="jumps nested too deep")
                 stack.append((chain, i))
             chain, i = nxt, 0
         elif kind == "return":
             if not stack:
                 return _policy(base)
             chain, i = stack.pop()
-    return _Outcome(FirewallVerdict.UNKNOWN, base, reason="too many rules visited")
+    return _Outcome(Firewall.UNKNOWN, base, reason="too many rules visited")
 
 
 def _policy(chain: Chain) -> _Outcome:
     if chain.type == "nat" or chain.policy == "accept":
-        return _Outcome(FirewallVerdict.ACCEPT, chain, text="policy accept")
-    return _Outcome(FirewallVerdict.DROP, chain, text=f"policy {chain.policy}")
+        return _Outcome(Firewall.ACCEPT, chain, text="policy accept")
+    return _Outcome(Firewall.DROP, chain, text=f"policy {chain.policy}")
 
 
 _NOOP_STMTS = {"counter", "log", "comment", "masquerade", "snat"}
@@ -1121,14 +1114,14 @@ def generation_id() -> int | None:
 
 def opening_command(decision: Decision, protocol: str, port: int) -> str:
     """A command that lets other hosts in, for a DROP decision; "" otherwise."""
-    if decision.verdict is not FirewallVerdict.DROP:
+    if decision.verdict is not Firewall.DROP:
         return ""
     return _command(decision, protocol, port, allow=True)
 
 
 def closing_command(decision: Decision, protocol: str, port: int) -> str:
     """A command that keeps other hosts out, for an ACCEPT decision; "" otherwise."""
-    if decision.verdict is not FirewallVerdict.ACCEPT:
+    if decision.verdict is not Firewall.ACCEPT:
         return ""
     return _command(decision, protocol, port, allow=False)
 

@@ -75,7 +75,7 @@ class _Decisions:
             else:
                 try:
                     d = firewall.evaluate(self.ruleset, key[0], key[1], key[2], key[3])
-                    verdict = Firewall(d.verdict.value)
+                    verdict = d.verdict
                 except Exception as e:  # a rule shape the evaluator chokes on: say unknown
                     self._error("firewall", f"evaluating {key}: {type(e).__name__}: {e}")
                     verdict = Firewall.UNKNOWN

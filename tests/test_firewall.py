@@ -10,7 +10,7 @@ from conftest import require_binary, require_root
 
 from bindscope.firewall import (
     Decision,
-    FirewallVerdict,
+    Firewall,
     closing_command,
     evaluate,
     generation_id,
@@ -21,7 +21,7 @@ from bindscope.firewall import (
 )
 
 FIX = Path(__file__).parent / "fixtures" / "firewall"
-ACCEPT, DROP, UNKNOWN = FirewallVerdict.ACCEPT, FirewallVerdict.DROP, FirewallVerdict.UNKNOWN
+ACCEPT, DROP, UNKNOWN = Firewall.ACCEPT, Firewall.DROP, Firewall.UNKNOWN
 H4, H6 = "198.51.100.1", "2001:db8::1"
 
 
