@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 import bcrypt
 import pytest
+from conftest import EXPORTER, free_port, wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -665,3 +667,60 @@ def test_security_doc_example_loads(tmp_path: Path, pki: PKI) -> None:
     config = load_web_config(_web_config(tmp_path, found.group(1)))
     assert config.tls is not None and config.tls.client_auth_type == "RequireAndVerifyClientCert"
     assert set(config.users) == {"prometheus"}
+
+
+def test_the_real_exporter_serves_https_with_basic_auth(tmp_path: Path, pki: PKI, exporter) -> None:
+    """bindscope-exporter --web.config.file: HTTPS with the CA and the right password only."""
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    web = _web_config(
+        tmp_path,
+        f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+        f"basic_auth_users:\n  prometheus: {hashed}\n",
+    )
+    exp = exporter("probe: {addresses: [127.0.0.1]}\n", [f"--web.config.file={web}"], ready=False)
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+
+    def get(path: str, auth: str | None) -> tuple[int, str, str]:
+        conn = http.client.HTTPSConnection("127.0.0.1", exp.port, context=ctx, timeout=5)
+        try:
+            conn.request("GET", path, headers={"Authorization": auth} if auth else {})
+            r = conn.getresponse()
+            return r.status, r.getheader("WWW-Authenticate") or "", r.read().decode()
+        finally:
+            conn.close()
+
+    def ready() -> bool:
+        assert exp.proc.poll() is None, exp.log()
+        try:
+            return get("/-/ready", _basic("prometheus", b"s3cret"))[0] == 200
+        except OSError:
+            return False
+
+    wait_for(ready, 20, what="exporter ready over HTTPS")
+    code, _, body = get("/metrics", _basic("prometheus", b"s3cret"))
+    assert code == 200 and "bindscope_scan_success 1.0" in body
+    assert get("/metrics", _basic("prometheus", b"wrong"))[:2] == (401, 'Basic realm="bindscope"')
+    assert get("/metrics", None)[0] == 401
+    # plain HTTP to the TLS port gets no exposition
+    with socket.create_connection(("127.0.0.1", exp.port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        try:
+            answer = s.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            answer = b""
+    assert b"bindscope_" not in answer
+    assert "s3cret" not in exp.log()
+
+
+def test_exporter_refuses_a_broken_web_config_at_start(tmp_path: Path) -> None:
+    web = _web_config(tmp_path, "tls_server_config:\n  cert_file: /nonexistent.pem\n")
+    r = subprocess.run(
+        [*EXPORTER, f"--web.listen-address=127.0.0.1:{free_port()}", f"--web.config.file={web}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert web in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
