@@ -149,7 +149,14 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
         firewall=args.firewall,
         published=args.published,
     )
-    daemon = Daemon(config, args.config_file, scanner, args.telemetry_path, args.max_listeners)
+    daemon = Daemon(
+        config,
+        args.config_file,
+        scanner,
+        args.telemetry_path,
+        args.max_listeners,
+        web_config_errors=(lambda: security.errors) if security is not None else None,
+    )
     endpoints = Endpoints(
         metrics=daemon.metrics,
         landing=daemon.landing,

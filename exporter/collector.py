@@ -293,9 +293,15 @@ class RuntimeCollector(Collector):
     bindscope_build_info{discovery="netlink",version="0.1.0"} 1.0
     """
 
-    def __init__(self, reload_state: Callable[[], ReloadState], backend: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        reload_state: Callable[[], ReloadState],
+        backend: Callable[[], str],
+        web_config_errors: Callable[[], int] | None = None,
+    ) -> None:
         self._reload_state = reload_state
         self._backend = backend
+        self._web_config_errors = web_config_errors
 
     def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
         state = self._reload_state()
@@ -317,6 +323,13 @@ class RuntimeCollector(Collector):
         )
         build.add_metric([__version__, self._backend(), platform.python_version()], 1)
         yield build
+        if self._web_config_errors is not None:
+            yield CounterMetricFamily(
+                "bindscope_web_config_reload_errors",
+                "Changes of --web.config.file (or of the files it names) that could not be "
+                "loaded; the last good web config stays in force.",
+                value=self._web_config_errors(),
+            )
 
 
 def render(snap: Snapshot | None, max_listeners: int = 0) -> bytes:

@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -39,6 +40,7 @@ class Daemon:
         scanner: Scanner,
         telemetry_path: str = "/metrics",
         max_listeners: int = 0,
+        web_config_errors: Callable[[], int] | None = None,
     ) -> None:
         self._config = config
         self._config_path = config_path
@@ -60,7 +62,7 @@ class Daemon:
         PlatformCollector(registry=self._runtime)
         GCCollector(registry=self._runtime)
         self._runtime.register(
-            RuntimeCollector(lambda: self._reload, lambda: self._scanner.backend)
+            RuntimeCollector(lambda: self._reload, lambda: self._scanner.backend, web_config_errors)
         )
 
     @property

@@ -699,6 +699,7 @@ def test_the_real_exporter_serves_https_with_basic_auth(tmp_path: Path, pki: PKI
     wait_for(ready, 20, what="exporter ready over HTTPS")
     code, _, body = get("/metrics", _basic("prometheus", b"s3cret"))
     assert code == 200 and "bindscope_scan_success 1.0" in body
+    assert "bindscope_web_config_reload_errors_total 0.0" in body
     assert get("/metrics", _basic("prometheus", b"wrong"))[:2] == (401, 'Basic realm="bindscope"')
     assert get("/metrics", None)[0] == 401
     # plain HTTP to the TLS port gets no exposition
