@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import gzip
+import logging
 import signal
 import subprocess
 import time
@@ -250,3 +251,39 @@ def test_embedded_default_runs_with_no_arguments_but_the_port(exporter, listen):
     assert m.all("bindscope_service_info") == []
     assert m.get("bindscope_unexpected_listener_info", port=str(stray)) == 1
     assert m.get("bindscope_listener_info", port=str(stray), service="") == 1
+
+
+def test_psutil_backend_judges_the_same(exporter, services):
+    exp = exporter(config_for(services), ["--discovery.backend=psutil"])
+    m = exp.scrape()
+    assert m.get("bindscope_build_info", discovery="psutil") == 1
+    # psutil cannot tell v6only: the v6only socket counts as dual-stack, so its
+    # exposure may only be wider, never narrower; every other verdict is the same
+    assert {s: m.status(s) for s in ("web", "dual", "dns", "db", "gone", "owned")} == {
+        "web": "loopback_only",
+        "dual": "ok",
+        "dns": "ok",
+        "db": "overexposed",
+        "gone": "not_listening",
+        "owned": "wrong_process",
+    }
+
+
+def test_falls_back_to_psutil_when_netlink_is_missing(monkeypatch, listen, caplog):
+    from bindscope.config import default_config
+    from bindscope.discover import netlink
+    from bindscope.scan import Scanner
+
+    def unavailable(*_args, **_kw):
+        raise netlink.NetlinkUnavailable("netlink sock_diag unavailable: test")
+
+    monkeypatch.setattr(netlink, "list_sockets", unavailable)
+    # logs.setup() (run by an in-process CLI test) stops propagation to caplog's handler
+    monkeypatch.setattr(logging.getLogger("bindscope"), "propagate", True)
+    port = listen("127.0.0.1").getsockname()[1]
+    scanner = Scanner(namespaces=False, firewall=False, published=False)
+    with caplog.at_level("WARNING", logger="bindscope"):
+        snap = scanner.scan(default_config())
+    assert snap.backend == scanner.backend == "psutil"
+    assert any(lst.socket.port == port for lst in snap.listeners)
+    assert "using psutil" in caplog.text
