@@ -92,7 +92,7 @@ class _Rulesets:
 
     def view(self, view: NamespaceView, error: Callable[[str, str], None]) -> _Decisions:
         ruleset, err = self._get(view)
-        if ruleset is None:
+        if err:  # counted when a read fails, not on every scan that reuses its outcome
             error("firewall", f"{view.label}: {err}")
         decisions = _Decisions(ruleset, self._decisions.get(view.label), error)
         self._decisions[view.label] = decisions
@@ -110,13 +110,10 @@ class _Rulesets:
             gen = None
         now = time.monotonic()
         cached = self._cache.get(view.label)
-        if (
-            cached is not None
-            and gen is not None
-            and cached[0] == gen
-            and now - cached[1] < NETFILTER_MAX_AGE
-        ):
-            return cached[2], cached[3]
+        # an unknown generation (no CAP_NET_ADMIN, no nftables) is retried only when the
+        # entry is old: a failing read costs four subprocesses
+        if cached is not None and cached[0] == gen and now - cached[1] < NETFILTER_MAX_AGE:
+            return cached[2], ""
         try:
             ruleset, err = firewall.read_ruleset(None if host else view.path)
         except Exception as e:  # output of a shape the parser does not know
@@ -137,15 +134,15 @@ class _PublishedPorts:
         self._gen: int | None = None
         self._at = 0.0
         self._ports: list[PublishedPort] = []
-        self._errors: list[str] = []
 
     def get(self) -> tuple[list[PublishedPort], list[str]]:
         gen = firewall.generation_id()
         now = time.monotonic()
-        if gen is None or gen != self._gen or now - self._at >= NETFILTER_MAX_AGE:
-            self._ports, self._errors = read_published_ports()
-            self._gen, self._at = gen, now
-        return self._ports, self._errors
+        if self._at and gen == self._gen and now - self._at < NETFILTER_MAX_AGE:
+            return self._ports, []  # errors were counted when the rules were read
+        self._ports, errors = read_published_ports()
+        self._gen, self._at = gen, now
+        return self._ports, errors
 
 
 class Scanner:
