@@ -192,7 +192,9 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
             "version": __version__,
             "config": args.config_file or "<embedded default>",
             "services": len(config.services),
-            "listen": ",".join(f"{h}:{p}" for h, p in (s.endpoint for s in servers)),
+            "listen": ",".join(
+                f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in (s.endpoint for s in servers)
+            ),
         },
     )
     daemon.start()
