@@ -1139,7 +1139,11 @@ def _command(d: Decision, protocol: str, port: int, allow: bool) -> str:
             " && firewall-cmd --reload"
         )
     target = "accept" if allow else "drop"
-    if d.backend.startswith("iptables") or not d.table:
+    # iptables-nft writes tables nft shows as plain `ip filter` with upper-case chains;
+    # nft itself warns against editing those, so the fix goes through iptables
+    written_by_iptables = d.family in ("ip", "ip6") and d.table == "filter" and d.chain.isupper()
+    if d.backend.startswith("iptables") or not d.table or written_by_iptables:
         tool = "ip6tables" if d.family == "ip6" else "iptables"
-        return f"{tool} -I INPUT -p {protocol} --dport {port} -j {target.upper()}"
+        chain = d.chain if written_by_iptables else "INPUT"
+        return f"{tool} -I {chain} -p {protocol} --dport {port} -j {target.upper()}"
     return f"nft insert rule {d.family} {d.table} {d.chain} {protocol} dport {port} {target}"

@@ -309,3 +309,25 @@ def test_generation_id_answers_without_a_subprocess():
     first = generation_id()
     assert isinstance(first, int)
     assert generation_id() >= first  # each committed change moves it forward
+
+
+@pytest.mark.parametrize(
+    ("decision", "command"),
+    [
+        (
+            Decision(DROP, table="filter", chain="INPUT", family="ip", backend="nft"),
+            "iptables -I INPUT -p tcp --dport 7000 -j ACCEPT",
+        ),
+        (
+            Decision(DROP, table="filter", chain="INPUT", family="ip6", backend="nft"),
+            "ip6tables -I INPUT -p tcp --dport 7000 -j ACCEPT",
+        ),
+        (
+            Decision(DROP, table="e2e", chain="input", family="inet", backend="nft"),
+            "nft insert rule inet e2e input tcp dport 7000 accept",
+        ),
+    ],
+    ids=["iptables-nft table", "ip6tables-nft table", "native nft table"],
+)
+def test_opening_command_uses_the_tool_that_wrote_the_table(decision, command):
+    assert opening_command(decision, "tcp", 7000) == command
