@@ -451,3 +451,27 @@ def podman() -> Iterator[Podman]:
         pm.close()
         if created:
             run(*PODMAN, "network", "rm", PODMAN_NETWORK, check=False)
+
+
+FIREWALL_FIXTURES = Path(__file__).parent / "fixtures" / "firewall"
+
+
+def load_ruleset(name: str):
+    """A recorded ruleset as read_ruleset leaves it: iptables-nft's tables taken from its
+    own -save output (nft's JSON shows their extensions as opaque "xt")."""
+    from bindscope.firewall import parse_iptables_save, parse_nft_json
+
+    fix = FIREWALL_FIXTURES
+    if name == "legacy":
+        return parse_iptables_save(
+            (fix / "legacy.save4").read_text(), (fix / "legacy.save6").read_text()
+        )
+    rs = parse_nft_json((fix / f"{name}.json").read_text())
+    if (fix / f"{name}.save4").exists():
+        saved = parse_iptables_save(
+            (fix / f"{name}.save4").read_text(),
+            (fix / f"{name}.save6").read_text(),
+            backend="iptables-nft",
+        )
+        rs = rs.replace_tables(saved)
+    return rs

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import load_ruleset
 
 from bindscope.classify import exposure_of, host_address, scope_of
 from bindscope.diagnose import BY_HAND, Case, diagnose, step_firewall
-from bindscope.firewall import Ruleset, parse_iptables_save, parse_nft_json
 from bindscope.model import (
     HOST_NETNS,
     Exposure,
@@ -33,17 +33,7 @@ HOSTS = (
 )
 
 
-def load(name: str) -> Ruleset:
-    """As read_ruleset leaves it: iptables-nft's tables taken from its own -save output."""
-    rs = parse_nft_json((FIX / f"{name}.json").read_text())
-    if (FIX / f"{name}.save4").exists():
-        saved = parse_iptables_save(
-            (FIX / f"{name}.save4").read_text(),
-            (FIX / f"{name}.save6").read_text(),
-            backend="iptables-nft",
-        )
-        rs = rs.replace_tables(saved)
-    return rs
+load = load_ruleset
 
 
 def listener(address: str, port: int, v6only: bool | None = None, netns: str = HOST_NETNS):

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_binary, require_root
+from conftest import load_ruleset, require_binary, require_root
 
 from bindscope.firewall import (
     Decision,
@@ -15,7 +15,6 @@ from bindscope.firewall import (
     evaluate,
     generation_id,
     opening_command,
-    parse_iptables_save,
     parse_nft_json,
     read_ruleset,
 )
@@ -25,21 +24,7 @@ ACCEPT, DROP, UNKNOWN = Firewall.ACCEPT, Firewall.DROP, Firewall.UNKNOWN
 H4, H6 = "198.51.100.1", "2001:db8::1"
 
 
-def load(name: str):
-    if name == "legacy":
-        return parse_iptables_save(
-            (FIX / "legacy.save4").read_text(), (FIX / "legacy.save6").read_text()
-        )
-    rs = parse_nft_json((FIX / f"{name}.json").read_text())
-    if (FIX / f"{name}.save4").exists():
-        # What read_ruleset does when nft shows iptables extensions as opaque "xt".
-        saved = parse_iptables_save(
-            (FIX / f"{name}.save4").read_text(),
-            (FIX / f"{name}.save6").read_text(),
-            backend="iptables-nft",
-        )
-        rs = rs.replace_tables(saved)
-    return rs
+load = load_ruleset
 
 
 # fixture, protocol, family, daddr, port, verdict, restricted, text in rule or reason
