@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import load_ruleset
 
@@ -23,7 +21,6 @@ from bindscope.model import (
     Verdict,
 )
 
-FIX = Path(__file__).parent / "fixtures" / "firewall"
 H4, H6 = "198.51.100.1", "2001:db8::1"
 HOSTS = (
     host_address("lo", "127.0.0.1", 4),
