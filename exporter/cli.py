@@ -144,7 +144,6 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
 
     scanner = Scanner(
         backend=args.backend,
-        max_listeners=args.max_listeners,
         namespaces=args.namespaces,
         firewall=args.firewall,
         published=args.published,

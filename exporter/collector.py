@@ -131,16 +131,15 @@ class SnapshotCollector(Collector):
             )
             if labels in seen:  # SO_REUSEPORT groups share one series
                 continue
-            if self._max_listeners and len(seen) >= self._max_listeners:
-                break
             seen.add(labels)
-            info.add_metric(list(labels), 1)
+            if not self._max_listeners or len(seen) <= self._max_listeners:
+                info.add_metric(list(labels), 1)
         yield info
-        yield CounterMetricFamily(
+        yield GaugeMetricFamily(
             "bindscope_listener_info_dropped",
-            "bindscope_listener_info series not exported "
-            "because of --collector.listeners.max, summed over scans.",
-            value=snap.dropped_listeners,
+            "Listening sockets of the last scan left out of bindscope_listener_info by "
+            "--collector.listeners.max.",
+            value=max(0, len(seen) - self._max_listeners) if self._max_listeners else 0,
         )
         counts = GaugeMetricFamily(
             "bindscope_listeners",
@@ -212,6 +211,7 @@ class SnapshotCollector(Collector):
             labels=["container", "protocol", "host_port", "target_address", "target_port"],
         )
         seen: set[tuple[str, ...]] = set()
+        probed: set[tuple[str, ...]] = set()
         for p in snap.published:
             labels = (
                 p.container,
@@ -221,21 +221,21 @@ class SnapshotCollector(Collector):
                 p.target_address,
                 str(p.target_port),
             )
-            if labels in seen:
-                continue
-            seen.add(labels)
-            info.add_metric(list(labels), 1)
-            if p.probe is not None:
-                probe.add_metric(
-                    [
-                        p.container,
-                        p.protocol.value,
-                        str(p.host_port),
-                        p.target_address,
-                        str(p.target_port),
-                    ],
-                    float(p.probe.success),
-                )
+            if labels not in seen:
+                seen.add(labels)
+                info.add_metric(list(labels), 1)
+            # docker-proxy publishes one port on 0.0.0.0 and on :: to the same target:
+            # one probe series for both
+            target = (
+                p.container,
+                p.protocol.value,
+                str(p.host_port),
+                p.target_address,
+                str(p.target_port),
+            )
+            if p.probe is not None and target not in probed:
+                probed.add(target)
+                probe.add_metric(list(target), float(p.probe.success))
         status = GaugeMetricFamily(
             "bindscope_published_port_status",
             "Whether a published port leads to a listener, one-hot: ok, not_listening, "

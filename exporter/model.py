@@ -225,4 +225,3 @@ class Snapshot:
     published: tuple[Published, ...] = ()
     namespaces: dict[str, int] = field(default_factory=dict)  # kind -> count
     backend: str = ""
-    dropped_listeners: int = 0  # cumulative count of listener_info series not exported

@@ -152,7 +152,6 @@ class Scanner:
         self,
         own: Collection[tuple[str, int]] = (),
         backend: str = "auto",
-        max_listeners: int = 0,
         namespaces: bool = True,
         firewall: bool = True,
         published: bool = True,
@@ -164,8 +163,6 @@ class Scanner:
         self._inventory = Inventory(self.error, backend, namespaces)
         self._rulesets = _Rulesets() if firewall else None
         self._published = _PublishedPorts() if published and namespaces else None
-        self._max_listeners = max_listeners
-        self._dropped = 0
         # netns label -> (addresses and ruleset it was classified with, id(socket) -> Listener)
         self._memo: dict[str, tuple[object, dict[int, Listener]]] = {}
 
@@ -203,8 +200,6 @@ class Scanner:
             host = next((v.addresses for v in views if v.label == HOST_NETNS), None) or ()
             verdicts, published = self._probe(config, verdicts, published, host)
         strays = unexpected(labelled, config.unexpected.ignore) if config.unexpected.report else ()
-        if self._max_listeners and len(labelled) > self._max_listeners:
-            self._dropped += len(labelled) - self._max_listeners
         host_addresses = next((v.addresses for v in views if v.label == HOST_NETNS), None)
         return Snapshot(
             timestamp=time.time(),
@@ -216,7 +211,6 @@ class Scanner:
             host_addresses=host_addresses or (),
             errors=dict(self._errors),
             backend=self.backend,
-            dropped_listeners=self._dropped,
             published=published,
             namespaces=dict(Counter(v.kind for v in views)),
         )

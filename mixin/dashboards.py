@@ -551,7 +551,7 @@ def host(c: DashboardsConfig) -> dict[str, Any]:
             "Listener series dropped",
             "bindscope_listener_info series not exported because of the exporter's "
             "cardinality cap; above 0, the Listeners table is incomplete.",
-            f"max(bindscope_listener_info_dropped_total{{{VARS}}}) or vector(0)",
+            f"max(bindscope_listener_info_dropped{{{VARS}}}) or vector(0)",
         ),
         _table(
             "Services",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import require_binary
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bindscope.collector import ReloadState, RuntimeCollector, SnapshotCollector, render
 from bindscope.model import (
@@ -95,7 +96,8 @@ def snapshot() -> Snapshot:
         host_addresses=(HostAddress("10.0.0.5", "eth0", 4, Scope.PRIVATE),),
         errors={"proc_vanished": 2},
         backend="netlink",
-        published=(forwarded,),
+        # docker-proxy publishes one port on 0.0.0.0 and on :: to the same target
+        published=(forwarded, dataclasses.replace(forwarded, host_address="::")),
         namespaces={"host": 1, "container": 1},
     )
 
@@ -186,3 +188,13 @@ def test_status_is_one_hot(status):
         for s in Status
     }
     assert values == {s.value: float(s is status) for s in Status}
+
+
+def test_no_series_twice():
+    """Every sample's name and label set is unique, or Prometheus rejects the scrape."""
+    seen = set()
+    for family in text_string_to_metric_families(render(snapshot()).decode()):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in seen, key
+            seen.add(key)
