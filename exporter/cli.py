@@ -26,6 +26,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not "(default: None)" where the help text says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Shutdown(Exception):
     pass
 
@@ -39,7 +48,7 @@ def exporter_parser() -> argparse.ArgumentParser:
         prog="bindscope-exporter",
         description="Prometheus exporter: compares the sockets listening on this "
         "host with what should listen, and probes their reachability.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument(
         "--config.file",
@@ -182,23 +191,26 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
     def on_hup(_signum: int, _frame: object) -> None:
         daemon.reload()
 
+    serving: list[Server] = []
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
-    log.info(
-        "starting bindscope-exporter",
-        extra={
-            "version": __version__,
-            "config": args.config_file or "<embedded default>",
-            "services": len(config.services),
-            "listen": ",".join(
-                f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in (s.endpoint for s in servers)
-            ),
-        },
-    )
-    daemon.start()
-    serve(servers)
     try:
+        log.info(
+            "starting bindscope-exporter",
+            extra={
+                "version": __version__,
+                "config": args.config_file or "<embedded default>",
+                "services": len(config.services),
+                "listen": ",".join(
+                    f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+                    for h, p in (s.endpoint for s in servers)
+                ),
+            },
+        )
+        daemon.start()
+        serve(servers)
+        serving = servers  # shutdown() waits forever on a server that never served
         while True:
             time.sleep(3600)
     except (_Shutdown, KeyboardInterrupt):
@@ -206,8 +218,9 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        for srv in servers:
+        for srv in serving:
             srv.shutdown()
+        for srv in servers:
             srv.server_close()
         daemon.stop()
     return EXIT_OK

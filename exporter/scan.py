@@ -187,28 +187,40 @@ class Scanner:
 
     def scan(self, config: Config) -> Snapshot:
         t0 = time.monotonic()
-        success = True
         try:
-            views = self._inventory.collect()
-            listeners = self._classify(views)
+            return self._scan(config, t0)
         except Exception as e:  # a scan must never take the daemon down
             self.error("scan", f"{type(e).__name__}: {e}")
-            views, listeners, success = [], [], False
+            verdicts, _ = judge(config.services, [], self._own)
+            return Snapshot(
+                timestamp=time.time(),
+                duration=time.monotonic() - t0,
+                success=False,
+                verdicts=verdicts,
+                listeners=(),
+                unexpected=(),
+                host_addresses=(),
+                errors=dict(self._errors),
+                backend=self.backend,
+            )
+
+    def _scan(self, config: Config, t0: float) -> Snapshot:
+        views = self._inventory.collect()
+        listeners = self._classify(views)
         verdicts, labelled = judge(config.services, listeners, self._own)
         published = self._judge_published(views, labelled)
+        host = next((v.addresses for v in views if v.label == HOST_NETNS), None) or ()
         if config.probe.enabled:
-            host = next((v.addresses for v in views if v.label == HOST_NETNS), None) or ()
             verdicts, published = self._probe(config, verdicts, published, host)
         strays = unexpected(labelled, config.unexpected.ignore) if config.unexpected.report else ()
-        host_addresses = next((v.addresses for v in views if v.label == HOST_NETNS), None)
         return Snapshot(
             timestamp=time.time(),
             duration=time.monotonic() - t0,
-            success=success,
+            success=True,
             verdicts=verdicts,
             listeners=labelled,
             unexpected=strays,
-            host_addresses=host_addresses or (),
+            host_addresses=host,
             errors=dict(self._errors),
             backend=self.backend,
             published=published,
@@ -221,7 +233,12 @@ class Scanner:
         memo: dict[str, tuple[object, dict[int, Listener]]] = {}
         for view in views:
             addresses = view.addresses if view.addresses is not None else _ASSUMED
-            rules = self._rulesets.view(view, self.error) if self._rulesets else None
+            # a firewall verdict on assumed addresses would be made up: none then
+            rules = (
+                self._rulesets.view(view, self.error)
+                if self._rulesets is not None and view.addresses is not None
+                else None
+            )
             # a listener is the same as at the last scan while its socket, owner, the
             # addresses and the ruleset are: reuse it rather than classify it again
             basis = (addresses, rules.ruleset if rules is not None else None)
@@ -324,11 +341,14 @@ class Scanner:
                 s.protocol is Protocol.TCP and s.netns in (None, HOST_NETNS) and s.container is None
             )
 
+        # the path forwarded traffic takes: from the host to the target inside; an explicit
+        # probe.addresses list is every address the prober may connect to
+        def forwarded(p: Published) -> bool:
+            listed = config.probe.addresses is None or p.target_address in hosts
+            return p.protocol is Protocol.TCP and listed
+
         targets = [Target(h, v.service.port) for v in verdicts if probed(v) for h in hosts]
-        # the path forwarded traffic takes: from the host to the target inside
-        targets += [
-            Target(p.target_address, p.target_port) for p in published if p.protocol is Protocol.TCP
-        ]
+        targets += [Target(p.target_address, p.target_port) for p in published if forwarded(p)]
         results = probe_all(targets, config.probe.timeout)
         verdicts = tuple(
             dataclasses.replace(v, probes=tuple(results[Target(h, v.service.port)] for h in hosts))
@@ -338,7 +358,7 @@ class Scanner:
         )
         published = tuple(
             dataclasses.replace(p, probe=results[Target(p.target_address, p.target_port)])
-            if p.protocol is Protocol.TCP
+            if forwarded(p)
             else p
             for p in published
         )

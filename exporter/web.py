@@ -182,6 +182,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         length = int(text)
         if length > MAX_BODY:
+            self.close_connection = True  # the unread body must not pass for a request
             self._send(413, b"Request body too large\n", "text/plain; charset=utf-8")
             return
         if length:

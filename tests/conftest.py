@@ -124,6 +124,10 @@ class Exporter:
         if self.config_path is not None:
             args.append(f"--config.file={self.config_path}")
         args += extra_args or []
+        if not any("published-ports" in a for a in args):
+            # probes of published ports go to every DNAT target on the host, test
+            # containers or not: only the container tests ask for them
+            args.append("--no-collector.published-ports")
         self.log_path = tmp / f"exporter-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
         self.proc = subprocess.Popen(

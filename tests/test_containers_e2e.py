@@ -48,6 +48,14 @@ from bindscope.model import (
 )
 
 SCAN = "scan_interval: 1s\nprobe: {addresses: [127.0.0.1, '::1'], timeout: 1s}\n"
+
+
+def scan_config(apps) -> str:
+    """SCAN, with the test containers' addresses: the only published targets to probe."""
+    ips = ", ".join(a.ctr.ip for a in (apps.loop, apps.wide, apps.empty))
+    return f"scan_interval: 1s\nprobe: {{addresses: [127.0.0.1, '::1', {ips}], timeout: 1s}}\n"
+
+
 NETNS_ADDRESS = "198.51.100.77"
 
 
@@ -222,7 +230,9 @@ def named_netns() -> Iterator[SimpleNamespace]:
 def _start(exporter, config: str):
     """The exporter, ready after its first scan; a loaded 2-core CI machine may take long."""
     # unlimited listener series: another test's or bench's thousands must not push ours out
-    exp = exporter(config, ["--collector.listeners.max=0"], ready=False)
+    exp = exporter(
+        config, ["--collector.listeners.max=0", "--collector.published-ports"], ready=False
+    )
     exp.wait_ready(timeout=60)
     return exp
 
@@ -266,7 +276,7 @@ def test_case1_app_on_loopback_inside_a_published_port(apps, exporter):
     error = _connect(app.port)
     assert error.startswith(("ConnectionRefusedError", "ConnectionResetError")), error
 
-    exp = _start(exporter, SCAN)
+    exp = _start(exporter, scan_config(apps))
     m = _wait(
         exp,
         lambda m: _published_status(m, app.name, app.port) == "loopback_only",
@@ -301,7 +311,7 @@ def test_case2_app_on_every_address_inside_is_ok(apps, exporter):
     with urllib.request.urlopen(f"http://127.0.0.1:{app.port}/", timeout=5) as r:
         assert r.status == 200
 
-    exp = _start(exporter, SCAN)
+    exp = _start(exporter, scan_config(apps))
     m = exp.scrape()  # ready means the first scan is done: ok within one scan
     assert _published_status(m, app.name, app.port) == "ok", _lines(m, app.name)
     assert m.get("bindscope_published_port_probe_success", container=app.name) == 1
@@ -313,7 +323,7 @@ def test_case2_app_on_every_address_inside_is_ok(apps, exporter):
 @pytest.mark.slow
 def test_case3_nothing_inside_then_the_app_starts(apps, podman, exporter):
     app = apps.empty
-    exp = _start(exporter, SCAN)
+    exp = _start(exporter, scan_config(apps))
     m = exp.scrape()
     assert _published_status(m, app.name, app.port) == "not_listening", _lines(m, app.name)
     assert m.all("bindscope_listener_info", container=app.name) == []
@@ -342,7 +352,7 @@ def test_case4_services_judged_each_in_its_own_namespace(apps, exporter, listen)
     listen("127.0.0.1", apps.inside)  # the same port number, on the host, loopback only
     exp = _start(
         exporter,
-        SCAN
+        scan_config(apps)
         + f"""services:
   - {{name: in-container, port: {apps.inside}, expose: private,
       container: '^{apps.wide.name}$'}}
@@ -451,7 +461,7 @@ def test_case6_unprivileged_sees_the_host_and_counts_the_netns_error(
 def test_diagnose_follows_the_published_port_into_the_container(apps, tmp_path):
     app = apps.loop
     config = tmp_path / "diagnose.yml"
-    config.write_text(SCAN)
+    config.write_text(scan_config(apps))
     done = subprocess.run(
         [*TOOL, "diagnose", str(app.port), f"--config.file={config}"],
         capture_output=True,
@@ -478,7 +488,7 @@ def test_diagnose_follows_the_published_port_into_the_container(apps, tmp_path):
 @pytest.mark.slow
 def test_scan_shows_containers_and_their_published_ports(apps, tmp_path):
     config = tmp_path / "scan.yml"
-    config.write_text(SCAN)
+    config.write_text(scan_config(apps))
     done = subprocess.run(
         [*TOOL, "scan", f"--config.file={config}"],
         capture_output=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,11 +87,6 @@ class Inventory:
             self._sockets.pop(inode).close()
         return views
 
-    def close(self) -> None:
-        for s in self._sockets.values():
-            s.close()
-        self._sockets.clear()
-
     def _host(self) -> NamespaceView:
         pids = None
         if self._backend in ("", "netlink"):
@@ -117,6 +113,11 @@ class Inventory:
         )
 
     def _other(self, ns: Namespace) -> NamespaceView | None:
+        # a remembered member pid may have been reused or have moved since: the path must
+        # still open this namespace
+        if os.stat(ns.path).st_ino != ns.inode:
+            self._error("netns", f"{ns.label}: {ns.path} no longer leads to it")
+            return None
         container = self._names.name(ns.container) if ns.container is not None else ""
         sockets = self._dump(ns)
         if sockets is None:
@@ -161,11 +162,16 @@ class Inventory:
                 sock = in_namespace(ns.path, netlink.open_socket)
                 self._sockets[ns.inode] = sock
             return netlink.list_sockets(sock, netns=ns.label)
-        except OSError as e:
+        except Exception as e:
+            # a dump that stopped half way leaves replies in the socket: never reuse it
             if sock is not None:
                 self._sockets.pop(ns.inode, None)
                 sock.close()
-            if e.errno not in (errno.EPERM, errno.ENOENT, errno.ESRCH):
+            if not isinstance(e, OSError) or e.errno not in (
+                errno.EPERM,
+                errno.ENOENT,
+                errno.ESRCH,
+            ):
                 self._error("netns", f"{ns.label}: netlink: {e}")
             return None
 
