@@ -101,6 +101,7 @@ class ContainerNames:
         self._podman_paths = tuple(podman_paths)
         self._docker_root = docker_root
         self._cache: dict[str, tuple[tuple[int, int], Any]] = {}
+        self._used: set[str] = set()
 
     def name(self, ref: ContainerRef) -> str:
         if ref.name:
@@ -115,7 +116,13 @@ class ContainerNames:
                 return config["Name"].lstrip("/")
         return ref.id[:12]
 
+    def prune(self) -> None:
+        """Forget the files not asked for since the last prune (removed containers')."""
+        self._cache = {p: v for p, v in self._cache.items() if p in self._used}
+        self._used.clear()
+
     def _load(self, path: str, parse: Callable[[str], Any]) -> Any:
+        self._used.add(path)
         try:
             st = os.stat(path)
             stamp = (st.st_mtime_ns, st.st_size)

@@ -38,11 +38,6 @@ def located(spec: ServiceSpec, listener: Listener) -> bool:
     return sock.netns == (spec.netns or HOST_NETNS)
 
 
-def claims(spec: ServiceSpec, listener: Listener) -> bool:
-    sock = listener.socket
-    return sock.port == spec.port and sock.protocol is spec.protocol and located(spec, listener)
-
-
 def status_of(spec: ServiceSpec, listeners: Sequence[Listener]) -> tuple[Status, Exposure]:
     """The verdict for one service given the listeners it claims, and its bind exposure."""
     if not listeners:

@@ -149,11 +149,6 @@ class Listener:
     def effective_exposure(self) -> Exposure:
         return self.exposure if self.effective is None else self.effective
 
-    @property
-    def key(self) -> tuple[str, str, int, str]:
-        s = self.socket
-        return (s.netns, s.protocol.value, s.port, s.address)
-
 
 @dataclass(frozen=True)
 class ServiceSpec:

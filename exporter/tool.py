@@ -200,7 +200,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def scan_ok(snap: Snapshot) -> bool:
-    return snap.success and all(v.status is Status.OK for v in snap.verdicts)
+    """Every declared service ok, and every published port leads to a listener: a port
+    forwarded to an app on loopback is the seed's bug, declared or not."""
+    return (
+        snap.success
+        and all(v.status is Status.OK for v in snap.verdicts)
+        and all(p.status is PublishedStatus.OK for p in snap.published)
+    )
 
 
 def probe_summary(v: Verdict) -> str:

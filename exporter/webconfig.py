@@ -401,44 +401,13 @@ class _Version:
 class WebConfigWatcher:
     """The web config as it is now: TLS context, users and headers for each request.
 
-    Wiring into an http.server (what exporter/web.py does, and tests/test_webconfig.py too):
-
-        watcher = WebConfigWatcher(args.web_config_file)  # WebConfigError: print, exit 1
-
-        class Server(ThreadingHTTPServer):
-            def get_request(self):
-                sock, addr = super().get_request()
-                context = watcher.ssl_context()  # the config current at accept time
-                if context is not None:
-                    # The handshake runs in the handler's thread: a slow client must not
-                    # hold up accept().
-                    sock = context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False)
-                return sock, addr
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = 10  # bounds the handshake too
-
-            def handle(self):
-                if isinstance(self.connection, ssl.SSLSocket):
-                    try:
-                        self.connection.do_handshake()
-                    except (ssl.SSLError, OSError):
-                        return  # plain HTTP on the TLS port, a missing or bad client cert
-                super().handle()
-
-            def do_GET(self):
-                extra = watcher.headers()  # to send on every response, 401s included
-                if not watcher.authorize(self.headers.get("Authorization")):
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Basic realm="bindscope"')
-                    ...  # extra headers, Content-Length, end_headers, body
-                    return
-                ...  # serve, sending `extra` headers on every response
-
-    Export `watcher.errors` (failed reloads, a counter). `path=None` means plain HTTP and
-    no auth. A file broken at start raises WebConfigError; one broken later is logged
-    once, counted once per change, and the last good config stays in force.
+    exporter/web.py is the wiring: the server wraps each accepted connection with
+    `ssl_context()` (the context current at accept time, the handshake in the
+    connection's thread), and every request passes `authorize()` and sends `headers()`.
+    `path=None` means plain HTTP and no auth. A file broken at start raises
+    WebConfigError (the exporter exits 2); one broken later is logged once, counted in
+    `errors` once per change (bindscope_web_config_reload_errors_total), and the last
+    good config stays in force.
     """
 
     def __init__(

@@ -244,3 +244,17 @@ def test_real_podman_container_followed_end_to_end(loopback_app):
     inside = [r[2:4] for r in in_namespace(ns.path, listeners_inside)]
     assert inside == [("127.0.0.1", 8080)]
     assert ("eth0", app.ip, 4) in addresses_in_namespace(ns.path)
+
+
+def test_container_names_forget_removed_containers(tmp_path):
+    root = tmp_path / "docker"
+    for cid, name in (("a" * 64, "/web"), ("b" * 64, "/db")):
+        (root / cid).mkdir(parents=True)
+        (root / cid / "config.v2.json").write_text(json.dumps({"Name": name}))
+    names = ContainerNames(podman_paths=(), docker_root=str(root))
+    assert names.name(ContainerRef("docker", "a" * 64)) == "web"
+    assert names.name(ContainerRef("docker", "b" * 64)) == "db"
+    names.prune()
+    assert names.name(ContainerRef("docker", "a" * 64)) == "web"  # "b" is gone
+    names.prune()
+    assert list(names._cache) == [f"{root}/{'a' * 64}/config.v2.json"]

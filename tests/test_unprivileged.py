@@ -84,7 +84,11 @@ services:
         )
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         log.close()
     assert proc.returncode == 0
     assert os.path.getsize(shared_dir / "log") > 0

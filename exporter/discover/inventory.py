@@ -85,6 +85,7 @@ class Inventory:
                 views.append(view)
         for inode in set(self._sockets) - seen:  # the namespace is gone: let it go
             self._sockets.pop(inode).close()
+        self._names.prune()
         return views
 
     def _host(self) -> NamespaceView:

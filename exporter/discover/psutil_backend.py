@@ -14,11 +14,8 @@ from bindscope.model import HOST_NETNS, Protocol, Socket
 
 
 def list_sockets() -> tuple[list[Socket], dict[tuple[str, str, int], int]]:
-    """Listening sockets, and the owning pid where psutil could tell it.
-
-    psutil gives no inode; a stable fake inode per (protocol, address, port) keeps the
-    socket records distinct and lets the caller attach the pid psutil reported.
-    """
+    """Listening sockets, and the owning pid psutil reported for each (protocol,
+    address, port); psutil gives no inode, so the sockets carry inode 0."""
     found: list[Socket] = []
     pids: dict[tuple[str, str, int], int] = {}
     for c in psutil.net_connections(kind="inet"):
