@@ -122,6 +122,19 @@ def _resolve(host: str, port: int) -> tuple[int, tuple, bool]:
     return family, sockaddr[:2] if family == socket.AF_INET else sockaddr, False
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (`gzip;q=0` refuses it)."""
+    for part in accept_encoding.split(","):
+        coding, _, params = part.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "*"):
+            q = params.strip().removeprefix("q=").strip() if params.strip().startswith("q=") else ""
+            try:
+                return not q or float(q) > 0
+            except ValueError:
+                return False
+    return False
+
+
 class Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"
@@ -149,7 +162,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         ep = self.server.endpoints
         if path == ep.telemetry_path:
-            compressed = "gzip" in self.headers.get("Accept-Encoding", "")
+            compressed = accepts_gzip(self.headers.get("Accept-Encoding", ""))
             parts = ep.metrics(compressed)
             extra = {"Content-Encoding": "gzip"} if compressed else {}
             self._send(200, parts, CONTENT_TYPE_LATEST, extra)

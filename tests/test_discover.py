@@ -127,3 +127,18 @@ def test_resolver_survives_a_vanished_process(tmp_path):
     result = InodeResolver(proc=str(tmp_path)).resolve({333})
     assert result.owners == {}
     assert result.errors["proc_vanished"] == 1
+
+
+def test_resolver_names_the_service_not_systemd_for_socket_activation(tmp_path):
+    """pid 1 passed its socket to a service: both hold it, the service is the owner."""
+    for pid, comm in (("1", "systemd"), ("200", "sshd")):
+        d = tmp_path / pid
+        (d / "fd").mkdir(parents=True)
+        (d / "comm").write_text(comm + "\n")
+        (d / "cmdline").write_bytes(comm.encode() + b"\0")
+        os.symlink("socket:[444]", d / "fd" / "3")
+    resolver = InodeResolver(proc=str(tmp_path))
+    assert resolver.resolve({444}).owners[444].name == "sshd"
+    assert resolver.resolve({444}).owners[444].name == "sshd"  # and from the cache
+    os.unlink(tmp_path / "200" / "fd" / "3")  # the service closed it: systemd still holds it
+    assert resolver.resolve({444}).owners[444].name == "systemd"

@@ -93,17 +93,25 @@ class InodeResolver:
                     link = os.readlink(f"{fd_dir}/{fd}")
                 except OSError:
                     continue  # closed meanwhile: common, and not an error
-                inode = targets.pop(link, None)
+                inode = targets.get(link)
                 if inode is None:
                     continue
                 info = self._process(pid, result.errors)
-                if info is not None:
-                    self._where[inode] = (pid, int(fd))
-                    result.owners[inode] = info
+                if info is None:
+                    continue
+                self._where[inode] = (pid, int(fd))
+                result.owners[inode] = info
+                # systemd holds socket-activated sockets too: the service it passed the
+                # socket to, found later in the walk, is the one to name
+                if pid != 1:
+                    del targets[link]
                 if not targets:
                     break
             self._walked.add(pid)
-        self._unowned |= set(targets.values())
+        for inode in targets.values():
+            if inode not in result.owners:
+                self._unowned.add(inode)
+        targets = {k: v for k, v in targets.items() if v not in result.owners}
         if targets and self._denied:
             # the sockets we could not attribute, when some processes were unreadable
             result.errors["process_attribution"] += len(targets)
