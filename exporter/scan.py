@@ -233,10 +233,13 @@ class Scanner:
         memo: dict[str, tuple[object, dict[int, Listener]]] = {}
         for view in views:
             addresses = view.addresses if view.addresses is not None else _ASSUMED
-            # a firewall verdict on assumed addresses would be made up: none then
+            # a firewall verdict on assumed addresses would be made up: none then; and a
+            # namespace where only loopback listens needs no ruleset read at all
             rules = (
                 self._rulesets.view(view, self.error)
-                if self._rulesets is not None and view.addresses is not None
+                if self._rulesets is not None
+                and view.addresses is not None
+                and any(scope_of(s.address) is not Scope.LOOPBACK for s in view.sockets)
                 else None
             )
             # a listener is the same as at the last scan while its socket, owner, the
