@@ -7,7 +7,7 @@ import pytest
 
 from bindscope.discover import netlink, psutil_backend
 from bindscope.discover.processes import InodeResolver
-from bindscope.model import Protocol
+from bindscope.model import HOST_NETNS, Protocol
 
 
 def find(sockets, protocol, address, port):
@@ -142,3 +142,11 @@ def test_resolver_names_the_service_not_systemd_for_socket_activation(tmp_path):
     assert resolver.resolve({444}).owners[444].name == "sshd"  # and from the cache
     os.unlink(tmp_path / "200" / "fd" / "3")  # the service closed it: systemd still holds it
     assert resolver.resolve({444}).owners[444].name == "systemd"
+
+
+def test_netlink_memo_forgets_namespaces_no_longer_seen(listen):
+    listen("127.0.0.1")
+    netlink.list_sockets(netns="gone-ns")
+    assert "gone-ns" in netlink._memo
+    netlink.forget([HOST_NETNS])
+    assert "gone-ns" not in netlink._memo

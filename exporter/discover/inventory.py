@@ -86,6 +86,7 @@ class Inventory:
         for inode in set(self._sockets) - seen:  # the namespace is gone: let it go
             self._sockets.pop(inode).close()
         self._names.prune()
+        netlink.forget([HOST_NETNS, *(v.label for v in views)])
         return views
 
     def _host(self) -> NamespaceView:

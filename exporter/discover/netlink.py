@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 
 from bindscope.model import HOST_NETNS, Protocol, Socket
 
@@ -61,6 +62,13 @@ def open_socket() -> socket.socket:
 MEMO_NAMESPACES = 256
 _memo: OrderedDict[str, dict[tuple, Socket]] = OrderedDict()
 _memo_lock = threading.Lock()
+
+
+def forget(keep: Collection[str]) -> None:
+    """Drop the memo of every namespace but these (the ones the last scan saw)."""
+    with _memo_lock:
+        for netns in [n for n in _memo if n not in keep]:
+            del _memo[netns]
 
 
 def list_sockets(sock: socket.socket | None = None, netns: str = HOST_NETNS) -> list[Socket]:
