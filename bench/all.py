@@ -19,21 +19,13 @@ def main() -> int:
     with common.host() as h:
         rows, columns, notes = discovery.run(h)
         print("\n## Discovery and scans\n")
-        print(common.table(rows, ("method (median)", *columns, "vs floor @1000/20000")))
-        for note in notes:
-            print(f"- {note}")
-        sys.stdout.flush()
+        common.report(rows, ("method (median)", *columns, "vs floor @1000/20000"), notes)
         rows, notes = scrape.run(h)
         print("\n## Scrapes\n")
-        print(common.table(rows, scrape.HEADER))
-        for note in notes:
-            print(f"- {note}")
-        sys.stdout.flush()
+        common.report(rows, scrape.HEADER, notes)
         rows, notes = resources.run(h)
         print("\n## Resources\n")
-        print(common.table(rows, ("measure", "value", "target")))
-        for note in notes:
-            print(f"- {note}")
+        common.report(rows, ("measure", "value", "target"), notes)
     return 0
 
 

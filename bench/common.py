@@ -245,6 +245,14 @@ def machine() -> str:
     )
 
 
+def report(rows: list[tuple[str, ...]], header: tuple[str, ...], notes: list[str]) -> None:
+    """Print a result table and the notes under it, as every bench does."""
+    print(table(rows, header))
+    for note in notes:
+        print(f"- {note}")
+    sys.stdout.flush()
+
+
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"]

@@ -110,9 +110,7 @@ def main() -> int:
     print(f"machine: {common.machine()}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
     with common.host() as h:
         rows, columns, notes = run(h)
-    print(common.table(rows, ("method (median)", *columns, "vs floor @1000/20000")))
-    for note in notes:
-        print(f"- {note}")
+    common.report(rows, ("method (median)", *columns, "vs floor @1000/20000"), notes)
     return 0
 
 

@@ -163,9 +163,7 @@ def main() -> int:
         return 2
     print(f"machine: {common.machine()}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
     rows, notes = run()
-    print(common.table(rows, HEADER))
-    for note in notes:
-        print(f"- {note}")
+    common.report(rows, HEADER, notes)
     return 0
 
 

@@ -125,9 +125,7 @@ def main() -> int:
     scans = int(sys.argv[1]) if len(sys.argv) > 1 else SCANS
     with common.host() as h:
         rows, notes = run(h, scans)
-    print(common.table(rows, ("measure", "value", "target")))
-    for note in notes:
-        print(f"- {note}")
+    common.report(rows, ("measure", "value", "target"), notes)
     return 0
 
 

@@ -229,9 +229,7 @@ def main() -> int:
     )
     with common.host() as h:
         rows, notes = run(h)
-    print(common.table(rows, HEADER))
-    for note in notes:
-        print(f"- {note}")
+    common.report(rows, HEADER, notes)
     return 0
 
 

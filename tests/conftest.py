@@ -356,9 +356,10 @@ def _leftover_namespaces() -> Iterator[None]:
 
 
 @pytest.fixture
-def tmpdir_short() -> Iterator[Path]:
-    """A short temporary path (unix socket paths are limited to 108 bytes)."""
-    d = Path(tempfile.mkdtemp(prefix="bs-"))
+def shared_dir() -> Iterator[Path]:
+    """A directory the unprivileged exporter can read."""
+    d = Path(tempfile.mkdtemp(prefix="bs-nobody-"))
+    d.chmod(0o755)
     try:
         yield d
     finally:

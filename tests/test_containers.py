@@ -8,14 +8,12 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
-import subprocess
-import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import PODMAN_SUBNET, free_port, wait_for
 
 from bindscope.containers import ContainerNames, ContainerRef, container_from_cgroup
 from bindscope.discover.namespaces import (
@@ -144,83 +142,34 @@ def test_container_names_unreadable_state_gives_the_short_id(tmp_path, content):
 
 # ---- one real podman container (docs: /work/shared/notes/containers-in-tests.md) ----
 
-PREFIX = "bindscope-test-ctr-"
-NETWORK = "bindscope-test"
-SUBNET = ipaddress.ip_network("203.0.113.0/24")
-PODMAN = ["podman", "--runtime", "runc"]
-
-
-def _require(ok: bool, reason: str) -> None:
-    if not ok:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run this: {reason}")
-        pytest.skip(reason)
-
-
-def _podman(*args: str, check: bool = True) -> str:
-    done = subprocess.run(
-        [*PODMAN, *args], capture_output=True, text=True, timeout=120, check=False
-    )
-    if check and done.returncode != 0:
-        raise RuntimeError(f"podman {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def podman_network():
-    """The test network on TEST-NET-3; shared with other tests, so made only if missing
-    and removed only by whoever made it (removal fails while another test uses it)."""
-    _require(os.geteuid() == 0, "needs root to run podman containers")
-    _require(shutil.which("podman") is not None, "needs podman (apt-get install podman runc)")
-    leftovers = _podman("ps", "-a", "--filter", f"name=^{PREFIX}", "--format", "{{.Names}}")
-    for name in leftovers.split():
-        _podman("rm", "-f", "-t", "0", name, check=False)
-    created = False
-    if subprocess.run([*PODMAN, "network", "exists", NETWORK], check=False).returncode != 0:
-        _podman("network", "create", "--subnet", str(SUBNET), NETWORK)
-        created = True
-    yield NETWORK
-    if created:
-        _podman("network", "rm", NETWORK, check=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
-def loopback_app(podman_network):
+def loopback_app(podman):
     """python3's http.server bound to 127.0.0.1:8080 inside a container whose port 8080 is
     published on the host's 127.0.0.1: the seed's bug, inside a container."""
-    name = f"{PREFIX}{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port = free_port()
+    ctr = podman.run(
+        f"ctr-{uuid.uuid4().hex[:8]}",
+        ["python3", "-m", "http.server", "--bind", "127.0.0.1", "8080"],
+        (f"127.0.0.1:{port}:8080",),
+    )
     try:
-        cid = _podman(
-            "run", "-d", "--name", name,
-            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000",
-            f"--network={podman_network}", "-p", f"127.0.0.1:{port}:8080",
-            "--rootfs", "/:O", "python3", "-m", "http.server", "--bind", "127.0.0.1", "8080",
-        )  # fmt: skip
-        pid = int(_podman("inspect", "-f", "{{.State.Pid}}", name))
-        ip = _podman(
-            "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name
+        wait_for(
+            lambda: any(r[2:4] == ("127.0.0.1", 8080) for r in read_proc_net(ctr.pid)),
+            20,
+            0.1,
+            "http.server listening in the container",
         )
-        deadline = time.monotonic() + 20
-        while not any(r[2:4] == ("127.0.0.1", 8080) for r in read_proc_net(pid)):
-            assert time.monotonic() < deadline, "http.server never listened in the container"
-            time.sleep(0.1)
-        yield SimpleNamespace(name=name, id=cid.splitlines()[-1], pid=pid, ip=ip, port=port)
+        yield SimpleNamespace(name=ctr.name, id=ctr.id, pid=ctr.pid, ip=ctr.ip, port=port)
     finally:
-        _podman("rm", "-f", "-t", "0", name, check=False)
+        podman.remove(ctr.name)
 
 
 @pytest.mark.root
 @pytest.mark.slow
 def test_real_podman_container_followed_end_to_end(loopback_app):
     app = loopback_app
-    assert ipaddress.ip_address(app.ip) in SUBNET
+    assert ipaddress.ip_address(app.ip) in ipaddress.ip_network(PODMAN_SUBNET)
 
     ports, errors = read_published_ports()
     keys = {p.key for p in ports}

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -395,17 +393,6 @@ def test_case5_named_namespace_is_inventoried_and_judged(named_netns, exporter):
     assert m.status("in-netns") == "ok"
     assert m.status("host-twin") == "not_listening"  # the host has nothing on that port
     assert m.get("bindscope_network_namespaces", kind="named") >= 1
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the unprivileged exporter can read."""
-    d = Path(tempfile.mkdtemp(prefix="bs-nobody-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.root

@@ -2,24 +2,9 @@
 others' sockets have process "unknown", and that is counted, never fatal."""
 
 import os
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
-import pytest
 from conftest import EXPORTER, Metrics, free_port, require_binary, require_root, wait_for
-
-
-@pytest.fixture
-def shared_dir():
-    """A directory the unprivileged exporter can read."""
-    d = Path(tempfile.mkdtemp(prefix="bs-nobody-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_exporter_as_nobody(shared_dir, listen):
