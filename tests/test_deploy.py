@@ -350,5 +350,5 @@ def test_example_configs_load(name: str) -> None:
 def test_example_configs_match_the_schema(name: str) -> None:
     import jsonschema
 
-    schema = json.loads((ROOT / "exporter/schema.json").read_text())
+    schema = json.loads((ROOT / "exporter/bindscope/schema.json").read_text())
     jsonschema.validate(yaml.safe_load(EXAMPLE_CONFIGS[name]()), schema)
