@@ -16,7 +16,7 @@ import time
 
 import common
 
-from bindscope.config import parse_config
+from bindscope.config.load import parse_config
 from bindscope.discover import netlink
 from bindscope.scan import Scanner
 

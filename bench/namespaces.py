@@ -21,7 +21,7 @@ from pathlib import Path
 
 import common
 
-from bindscope.config import parse_config
+from bindscope.config.load import parse_config
 from bindscope.scan import Scanner
 
 NAMESPACES = 50

@@ -37,7 +37,7 @@ def _cpu() -> float:
 
 
 def scan_loop(scans: int) -> dict[str, float]:
-    from bindscope.config import parse_config
+    from bindscope.config.load import parse_config
     from bindscope.daemon import Daemon
     from bindscope.scan import Scanner
 

@@ -136,7 +136,7 @@ def exporter(config: str, extra: list[str] | None = None):
             [
                 sys.executable,
                 "-c",
-                "import sys; from bindscope.cli import exporter_main; sys.exit(exporter_main())",
+                "import sys; from bindscope.cli.exporter import main; sys.exit(main())",
                 f"--config.file={path}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--log.level=warn",

@@ -27,9 +27,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 EXPORTER = [
     sys.executable,
     "-c",
-    "import sys; from bindscope.cli import exporter_main; sys.exit(exporter_main())",
+    "import sys; from bindscope.cli.exporter import main; sys.exit(main())",
 ]
-TOOL = [sys.executable, "-m", "bindscope"]
+TOOL = [sys.executable, "-m", "bindscope.cli.tool"]
 
 
 def unavailable(reason: str) -> None:
@@ -464,7 +464,8 @@ FIREWALL_FIXTURES = Path(__file__).parent / "fixtures" / "firewall"
 def load_ruleset(name: str):
     """A recorded ruleset as read_ruleset leaves it: iptables-nft's tables taken from its
     own -save output (nft's JSON shows their extensions as opaque "xt")."""
-    from bindscope.firewall import parse_iptables_save, parse_nft_json
+    from bindscope.netfilter.iptables import parse_iptables_save
+    from bindscope.netfilter.nft import parse_nft_json
 
     fix = FIREWALL_FIXTURES
     if name == "legacy":

@@ -11,7 +11,8 @@ from conftest import require_binary
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bindscope.collector import ReloadState, RuntimeCollector, SnapshotCollector, render
+from bindscope.collector.runtime import ReloadState, RuntimeCollector
+from bindscope.collector.snapshot import SnapshotCollector, render
 from bindscope.model import (
     Exposure,
     Firewall,

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bindscope.config import (
+from bindscope.config.load import (
     Config,
     ConfigError,
     ConfigIssue,
@@ -40,7 +40,7 @@ from bindscope.model import (
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 DOCS = Path(__file__).parent.parent / "docs" / "config.md"
 
-SCHEMA = json.loads(resources.files("bindscope").joinpath("schema.json").read_text())
+SCHEMA = json.loads(resources.files("bindscope.config").joinpath("schema.json").read_text())
 # Formats (ipv4, ipv6, regex) are annotations in 2020-12 unless a checker asserts them.
 VALIDATOR = jsonschema.Draft202012Validator(
     SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import PODMAN_SUBNET, free_port, wait_for
 
-from bindscope.containers import ContainerNames, ContainerRef, container_from_cgroup
+from bindscope.discover.containers import ContainerNames, ContainerRef, container_from_cgroup
 from bindscope.discover.namespaces import (
     addresses_in_namespace,
     enumerate_namespaces,
@@ -23,7 +23,7 @@ from bindscope.discover.namespaces import (
     parse_proc_net,
     read_proc_net,
 )
-from bindscope.published import read_published_ports
+from bindscope.netfilter.nat import read_published_ports
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CGROUP = FIXTURES / "cgroup"

@@ -340,7 +340,7 @@ EXAMPLE_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(EXAMPLE_CONFIGS))
 def test_example_configs_load(name: str) -> None:
-    from bindscope.config import parse_config
+    from bindscope.config.load import parse_config
 
     config = parse_config(EXAMPLE_CONFIGS[name](), "bindscope.yml")
     assert config.services
@@ -350,5 +350,5 @@ def test_example_configs_load(name: str) -> None:
 def test_example_configs_match_the_schema(name: str) -> None:
     import jsonschema
 
-    schema = json.loads((ROOT / "exporter/bindscope/schema.json").read_text())
+    schema = json.loads((ROOT / "exporter/bindscope/config/schema.json").read_text())
     jsonschema.validate(yaml.safe_load(EXAMPLE_CONFIGS[name]()), schema)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from bindscope.classify import host_address, scope_of
-from bindscope.diagnose import (
+from bindscope.cli.init import default_expose, plan, render
+from bindscope.diagnose.steps import (
     FIREWALL_CHECK,
     Case,
     Culprit,
@@ -23,7 +24,6 @@ from bindscope.diagnose import (
     recognize,
     widen_host,
 )
-from bindscope.initconfig import default_expose, plan, render
 from bindscope.judge import status_of
 from bindscope.model import (
     Exposure,
@@ -349,7 +349,7 @@ def test_an_extra_step_is_one_more_finding():
     def containers(c: Case) -> Finding:
         return Finding("Is it a published port?", ("no",), ("a fix from the step",), True)
 
-    from bindscope.diagnose import STEPS
+    from bindscope.diagnose.steps import STEPS
 
     d = diagnose(case([listener("0.0.0.0")], {}), steps=(*STEPS, containers))
     assert d.findings[-2].title == "Is it a published port?"
@@ -469,7 +469,7 @@ def test_plan_names_skips_and_exposes():
 
 
 def test_render_is_valid_config_with_the_current_exposure_in_comments():
-    from bindscope.config import parse_config
+    from bindscope.config.load import parse_config
 
     listeners = [listener("127.0.0.1", port=5000, cmdline=(PY, "it's\x1b[31m.py"))]
     entries, skipped = plan(listeners, {100: FLASK}, expose_from_current=False)

@@ -7,7 +7,7 @@ import pytest
 from conftest import load_ruleset
 
 from bindscope.classify import exposure_of, host_address, scope_of
-from bindscope.diagnose import BY_HAND, Case, diagnose, step_firewall
+from bindscope.diagnose.steps import BY_HAND, Case, diagnose, step_firewall
 from bindscope.model import (
     HOST_NETNS,
     Exposure,

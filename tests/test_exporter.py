@@ -270,7 +270,7 @@ def test_psutil_backend_judges_the_same(exporter, services):
 
 
 def test_falls_back_to_psutil_when_netlink_is_missing(monkeypatch, listen, caplog):
-    from bindscope.config import default_config
+    from bindscope.config.load import default_config
     from bindscope.discover import netlink
     from bindscope.scan import Scanner
 

@@ -8,16 +8,12 @@ from pathlib import Path
 import pytest
 from conftest import load_ruleset, require_binary, require_root
 
-from bindscope.firewall import (
-    Decision,
-    Firewall,
-    closing_command,
-    evaluate,
-    generation_id,
-    opening_command,
-    parse_nft_json,
-    read_ruleset,
-)
+from bindscope.diagnose.fixes import closing_command, opening_command
+from bindscope.model import Firewall
+from bindscope.netfilter.evaluate import evaluate
+from bindscope.netfilter.nft import parse_nft_json
+from bindscope.netfilter.read import generation_id, read_ruleset
+from bindscope.netfilter.ruleset import Decision
 
 FIX = Path(__file__).parent / "fixtures" / "firewall"
 ACCEPT, DROP, UNKNOWN = Firewall.ACCEPT, Firewall.DROP, Firewall.UNKNOWN

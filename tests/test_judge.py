@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from bindscope.config import IgnoreRule
+from bindscope.config.load import IgnoreRule
 from bindscope.judge import judge, judge_published, status_of, unexpected, worst_published
 from bindscope.model import (
     NO_PROCESS,
@@ -20,7 +20,7 @@ from bindscope.model import (
     Socket,
     Status,
 )
-from bindscope.published import PublishedPort
+from bindscope.netfilter.nat import PublishedPort
 
 GUNICORN = ProcessInfo(pid=10, name="gunicorn")
 PYTHON = ProcessInfo(pid=11, name="python3")

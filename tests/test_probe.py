@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from bindscope import probe
-from bindscope.config import Config, ProbeConfig
+from bindscope.config.load import Config, ProbeConfig
 from bindscope.model import (
     Exposure,
     HostAddress,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bindscope.published import (
+from bindscope.netfilter.nat import (
     PublishedPort,
     docker_proxy_ports,
     parse_iptables_nat,

@@ -20,7 +20,7 @@ import pytest
 from conftest import Exporter, Metrics, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from bindscope.config import parse_config
+from bindscope.config.load import parse_config
 from bindscope.discover.processes import InodeResolver
 from bindscope.scan import Scanner
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bindscope.web import ListenAddressError, accepts_gzip, parse_listen_address
+from bindscope.web.server import ListenAddressError, accepts_gzip, parse_listen_address
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bindscope.webconfig import (
+from bindscope.web.webconfig import (
     TLSConfig,
     WebConfigError,
     WebConfigWatcher,

@@ -8,7 +8,6 @@ scan nor compress it again.
 from __future__ import annotations
 
 import gzip
-import html
 import logging
 import signal
 import threading
@@ -23,11 +22,12 @@ from prometheus_client import (
     generate_latest,
 )
 
-from bindscope.collector import ReloadState, RuntimeCollector, render
-from bindscope.config import Config, ConfigError, load_config
-from bindscope.model import Snapshot, Status
+from bindscope.collector.runtime import ReloadState, RuntimeCollector
+from bindscope.collector.snapshot import render
+from bindscope.config.load import Config, ConfigError, load_config
+from bindscope.model import Snapshot
 from bindscope.scan import Scanner
-from bindscope.web import MAIN_THREAD_SIGNALS
+from bindscope.web.server import MAIN_THREAD_SIGNALS
 
 log = logging.getLogger("bindscope.daemon")
 
@@ -38,14 +38,12 @@ class Daemon:
         config: Config,
         config_path: str | None,
         scanner: Scanner,
-        telemetry_path: str = "/metrics",
         max_listeners: int = 0,
         web_config_errors: Callable[[], int] | None = None,
     ) -> None:
         self._config = config
         self._config_path = config_path
         self._scanner = scanner
-        self._telemetry_path = telemetry_path
         self._max_listeners = max_listeners
         self._snapshot: Snapshot | None = None
         self._body: tuple[bytes, bytes] = (b"", gzip.compress(b""))  # plain, gzipped
@@ -172,39 +170,3 @@ class Daemon:
             cached = (key, text, gzip.compress(text, compresslevel=1))
             self._runtime_cache = cached  # one assignment: threads see old or new
         return cached[1], cached[2]
-
-    def landing(self) -> str:
-        snap = self._snapshot
-        rows = []
-        if snap is not None:
-            for v in snap.verdicts:
-                s = v.service
-                cls = "ok" if v.status is Status.OK else "bad"
-                rows.append(
-                    f"<tr class={cls}><td>{html.escape(s.name)}</td><td>{s.port}/"
-                    f"{s.protocol.value}</td><td>{s.expose.value}</td>"
-                    f"<td>{v.exposure.value}</td><td>{v.status.value}</td></tr>"
-                )
-        table = (
-            "<table><tr><th>service</th><th>port</th><th>expected</th>"
-            "<th>exposure</th><th>status</th></tr>" + "".join(rows) + "</table>"
-            if rows
-            else "<p>No services declared.</p>"
-        )
-        scanned = (
-            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap.timestamp))
-            if snap
-            else "not yet"
-        )
-        unexpected = len(snap.unexpected) if snap else 0
-        path = html.escape(self._telemetry_path)
-        return (
-            "<!DOCTYPE html><html><head><meta charset=utf-8><title>bindscope exporter</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.2em .8em;"
-            "text-align:left}tr.bad td{color:#b00}</style></head><body>"
-            "<h1>bindscope exporter</h1>"
-            f"<p>Compares what listens on this host with what should. Last scan: {scanned}. "
-            f"Unexpected listeners: {unexpected}.</p>{table}"
-            f'<p><a href="{path}">Metrics</a> · <a href="/-/healthy">Health</a> · '
-            '<a href="/-/ready">Readiness</a></p></body></html>'
-        )

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from bindscope.classify import accepts_on
-from bindscope.config import IgnoreRule
+from bindscope.config.load import IgnoreRule
 from bindscope.model import (
     HOST_NETNS,
     Exposure,
@@ -25,7 +25,7 @@ from bindscope.model import (
     Status,
     Verdict,
 )
-from bindscope.published import PublishedPort
+from bindscope.netfilter.nat import PublishedPort
 
 OWN_SERVICE = "bindscope"
 

@@ -8,9 +8,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 
-from bindscope import firewall
 from bindscope.classify import after_firewall, exposure_of, host_address, scope_of
-from bindscope.config import Config
+from bindscope.config.load import Config
 from bindscope.discover.inventory import Inventory, NamespaceView
 from bindscope.discover.namespaces import in_namespace
 from bindscope.discover.processes import InodeResolver, read_process
@@ -29,8 +28,11 @@ from bindscope.model import (
     Socket,
     Verdict,
 )
+from bindscope.netfilter.evaluate import evaluate
+from bindscope.netfilter.nat import PublishedPort, read_published_ports
+from bindscope.netfilter.read import generation_id, read_ruleset
+from bindscope.netfilter.ruleset import Ruleset
 from bindscope.probe import Target, probe_all
-from bindscope.published import PublishedPort, read_published_ports
 
 log = logging.getLogger("bindscope.scan")
 
@@ -57,7 +59,7 @@ class _Decisions:
 
     def __init__(
         self,
-        ruleset: firewall.Ruleset | None,
+        ruleset: Ruleset | None,
         previous: _Decisions | None,
         error: Callable[[str, str], None],
     ) -> None:
@@ -74,7 +76,7 @@ class _Decisions:
                 verdict = Firewall.UNKNOWN
             else:
                 try:
-                    d = firewall.evaluate(self.ruleset, key[0], key[1], key[2], key[3])
+                    d = evaluate(self.ruleset, key[0], key[1], key[2], key[3])
                     verdict = d.verdict
                 except Exception as e:  # a rule shape the evaluator chokes on: say unknown
                     self._error("firewall", f"evaluating {key}: {type(e).__name__}: {e}")
@@ -87,7 +89,7 @@ class _Rulesets:
     """Each namespace's parsed packet filter, re-read only when it may have changed."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[int | None, float, firewall.Ruleset | None, str]] = {}
+        self._cache: dict[str, tuple[int | None, float, Ruleset | None, str]] = {}
         self._decisions: dict[str, _Decisions] = {}
 
     def view(self, view: NamespaceView, error: Callable[[str, str], None]) -> _Decisions:
@@ -98,14 +100,10 @@ class _Rulesets:
         self._decisions[view.label] = decisions
         return decisions
 
-    def _get(self, view: NamespaceView) -> tuple[firewall.Ruleset | None, str]:
+    def _get(self, view: NamespaceView) -> tuple[Ruleset | None, str]:
         host = view.label == HOST_NETNS
         try:
-            gen = (
-                firewall.generation_id()
-                if host
-                else in_namespace(view.path, firewall.generation_id)
-            )
+            gen = generation_id() if host else in_namespace(view.path, generation_id)
         except OSError:
             gen = None
         now = time.monotonic()
@@ -115,7 +113,7 @@ class _Rulesets:
         if cached is not None and cached[0] == gen and now - cached[1] < NETFILTER_MAX_AGE:
             return cached[2], ""
         try:
-            ruleset, err = firewall.read_ruleset(None if host else view.path)
+            ruleset, err = read_ruleset(None if host else view.path)
         except Exception as e:  # output of a shape the parser does not know
             ruleset, err = None, f"{type(e).__name__}: {e}"
         self._cache[view.label] = (gen, now, ruleset, err)
@@ -136,7 +134,7 @@ class _PublishedPorts:
         self._ports: list[PublishedPort] = []
 
     def get(self) -> tuple[list[PublishedPort], list[str]]:
-        gen = firewall.generation_id()
+        gen = generation_id()
         now = time.monotonic()
         if self._at and gen == self._gen and now - self._at < NETFILTER_MAX_AGE:
             return self._ports, []  # errors were counted when the rules were read

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bindscope.classify import host_address
-from bindscope.containers import ContainerNames
 from bindscope.discover import netlink, psutil_backend
 from bindscope.discover.addresses import host_addresses
+from bindscope.discover.containers import ContainerNames
 from bindscope.discover.namespaces import (
     Memberships,
     Namespace,

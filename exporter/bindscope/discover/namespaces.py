@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from bindscope.containers import ContainerRef, container_from_cgroup
 from bindscope.discover.addresses import interface_addresses
+from bindscope.discover.containers import ContainerRef, container_from_cgroup
 from bindscope.model import HOST_NETNS
 
 T = TypeVar("T")

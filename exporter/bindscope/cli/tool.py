@@ -17,9 +17,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 from bindscope import __version__
-from bindscope.cli import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, _Parser, load
-from bindscope.config import Config, ConfigError, load_config
-from bindscope.diagnose import (
+from bindscope.cli.common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, Parser, load
+from bindscope.cli.init import ephemeral_range, plan, render
+from bindscope.config.load import Config, ConfigError, load_config
+from bindscope.diagnose.steps import (
     Case,
     Culprit,
     Diagnosis,
@@ -28,8 +29,6 @@ from bindscope.diagnose import (
     read_source,
     recognize,
 )
-from bindscope.firewall import read_ruleset
-from bindscope.initconfig import ephemeral_range, plan, render
 from bindscope.logs import setup as setup_logging
 from bindscope.model import (
     HOST_NETNS,
@@ -43,19 +42,20 @@ from bindscope.model import (
     Status,
     Verdict,
 )
+from bindscope.netfilter.read import read_ruleset
 from bindscope.scan import Scanner
 
 JSON_VERSION = 1  # bump only on an incompatible change of the --json shape
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="bindscope",
         description="Check what listens on this host against what "
         "should listen, and find out why a service cannot be reached.",
     )
     p.add_argument("--version", action="version", version=f"bindscope {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def config_flag(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -616,3 +616,7 @@ def render_diagnosis(
     else:
         out.append(paint(f"Result: ok ({statuses})", "green"))
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Command lines: `bindscope-exporter` (the daemon) and `bindscope` (the operator's tool)."""
+"""`bindscope-exporter`: flags, start-up, signals, and serving until SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,45 +10,24 @@ import time
 from collections.abc import Sequence
 
 from bindscope import __version__
-from bindscope.config import Config, ConfigError, default_config, load_config
+from bindscope.cli.common import EXIT_OK, EXIT_USAGE, Help, Parser, load
+from bindscope.config.load import ConfigError
 from bindscope.logs import LEVELS
 from bindscope.logs import setup as setup_logging
 
 log = logging.getLogger("bindscope")
-
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, but not "(default: None)" where the help text says it in words."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 class _Shutdown(Exception):
     pass
 
 
-def load(path: str | None) -> Config:
-    return load_config(path) if path else default_config()
-
-
 def exporter_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="bindscope-exporter",
         description="Prometheus exporter: compares the sockets listening on this "
         "host with what should listen, and probes their reachability.",
-        formatter_class=_Help,
+        formatter_class=Help,
     )
     p.add_argument(
         "--config.file",
@@ -126,10 +105,17 @@ def exporter_parser() -> argparse.ArgumentParser:
     return p
 
 
-def exporter_main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from bindscope.daemon import Daemon
     from bindscope.scan import Scanner
-    from bindscope.web import Endpoints, ListenAddressError, Server, parse_listen_address, serve
+    from bindscope.web.landing import render_landing
+    from bindscope.web.server import (
+        Endpoints,
+        ListenAddressError,
+        Server,
+        parse_listen_address,
+        serve,
+    )
 
     args = exporter_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -143,7 +129,7 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     security = None
     if args.web_config:
-        from bindscope.webconfig import WebConfigError, WebConfigWatcher
+        from bindscope.web.webconfig import WebConfigError, WebConfigWatcher
 
         try:
             security = WebConfigWatcher(args.web_config)
@@ -161,13 +147,12 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
         config,
         args.config_file,
         scanner,
-        args.telemetry_path,
         args.max_listeners,
         web_config_errors=(lambda: security.errors) if security is not None else None,
     )
     endpoints = Endpoints(
         metrics=daemon.metrics,
-        landing=daemon.landing,
+        landing=lambda: render_landing(daemon.snapshot, args.telemetry_path),
         ready=daemon.ready,
         reload=daemon.reload,
         telemetry_path=args.telemetry_path,
@@ -226,7 +211,5 @@ def exporter_main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from bindscope import tool
-
-    return tool.main(argv)
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,13 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from bindscope.classify import accepted_families, reachable_addresses, scope_of
-from bindscope.firewall import (
-    Decision,
-    Ruleset,
-    closing_command,
-    evaluate,
-    opening_command,
-)
+from bindscope.diagnose.fixes import closing_command, opening_command
 from bindscope.model import (
     HOST_NETNS,
     Exposure,
@@ -37,6 +31,8 @@ from bindscope.model import (
     Status,
     Verdict,
 )
+from bindscope.netfilter.evaluate import evaluate
+from bindscope.netfilter.ruleset import Decision, Ruleset
 
 FIREWALL_CHECK = "a firewall may drop it: check with `nft list ruleset` / `iptables -S`"
 MAX_SOURCE = 256 * 1024  # a main script larger than this is not read for app.run()

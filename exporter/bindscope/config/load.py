@@ -200,7 +200,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 @functools.cache
 def default_config() -> Config:
     """The config shipped as package data, used when no file is given."""
-    text = resources.files("bindscope").joinpath("default.yml").read_text(encoding="utf-8")
+    text = resources.files("bindscope.config").joinpath("default.yml").read_text(encoding="utf-8")
     return parse_config(text, DEFAULT_SOURCE)
 
 

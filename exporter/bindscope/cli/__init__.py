@@ -1,0 +1,1 @@
+"""Command lines: `bindscope-exporter` (the daemon) and `bindscope` (the operator's tool)."""

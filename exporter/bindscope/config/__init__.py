@@ -1,0 +1,2 @@
+"""The YAML config: parsed into frozen records, with errors located at file:line:col;
+its JSON Schema and the embedded default beside it."""

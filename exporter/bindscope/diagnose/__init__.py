@@ -1,0 +1,1 @@
+"""The classic troubleshooting of one port, as data: steps, findings and fixes."""

@@ -1,0 +1,1 @@
+"""HTTP: the server, the landing page, and the TLS and basic auth web config."""
