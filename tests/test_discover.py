@@ -7,7 +7,7 @@ import pytest
 
 from bindscope.discover import netlink, psutil_backend
 from bindscope.discover.processes import InodeResolver
-from bindscope.model import HOST_NETNS, Protocol
+from bindscope.model import HOST_NETNS, ErrorSource, Protocol
 
 
 def find(sockets, protocol, address, port):
@@ -116,7 +116,7 @@ def test_resolver_counts_unreadable_fd_tables(tmp_path):
     assert result.owners[111].name == "app"
     assert result.owners[111].cmdline == ("app", "--flag")
     if os.geteuid() != 0:  # root reads a 000 directory anyway
-        assert result.errors["process_attribution"] == 1
+        assert result.errors[ErrorSource.PROCESS_ATTRIBUTION] == 1
     assert 222 not in result.owners
 
 
@@ -126,7 +126,7 @@ def test_resolver_survives_a_vanished_process(tmp_path):
     os.symlink("socket:[333]", d / "fd" / "4")  # no comm: exited between the two reads
     result = InodeResolver(proc=str(tmp_path)).resolve({333})
     assert result.owners == {}
-    assert result.errors["proc_vanished"] == 1
+    assert result.errors[ErrorSource.PROC_VANISHED] == 1
 
 
 def test_resolver_names_the_service_not_systemd_for_socket_activation(tmp_path):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from bindscope.config.load import IgnoreRule
-from bindscope.judge import judge, judge_published, status_of, unexpected, worst_published
+from bindscope.judge import judge, judge_published, status_of, unexpected
 from bindscope.model import (
     NO_PROCESS,
     Exposure,
@@ -19,6 +19,7 @@ from bindscope.model import (
     ServiceSpec,
     Socket,
     Status,
+    worst_published,
 )
 from bindscope.netfilter.nat import PublishedPort
 

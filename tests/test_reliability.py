@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bindscope.config.load import parse_config
 from bindscope.discover.processes import InodeResolver
+from bindscope.model import ErrorSource
 from bindscope.scan import Scanner
 
 # probing stays on loopback: these tests never connect to the host's other addresses
@@ -332,7 +333,7 @@ def test_a_process_vanishing_between_fd_walk_and_read_is_counted(tmp_path: Path)
     os.symlink("socket:[777]", fd_dir / "3")
     result = InodeResolver(proc=str(tmp_path)).resolve([777])
     assert result.owners == {}
-    assert result.errors["proc_vanished"] == 1
+    assert result.errors[ErrorSource.PROC_VANISHED] == 1
 
 
 def _write(path: Path, text: str) -> None:

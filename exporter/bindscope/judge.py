@@ -1,8 +1,8 @@
 """Declared services + classified listeners -> one verdict per service. Pure functions.
 
-Precedence when several things are wrong at once: not_listening, then overexposed (a
-security problem outranks an availability one), loopback_only, blocked, wrong_process,
-process_unknown, ok. Over-exposure is judged on what really reaches the socket (bind
+When several things are wrong at once the most severe status wins (Status.severity):
+overexposed, loopback_only, blocked, wrong_process, process_unknown; not_listening
+excludes the others. Over-exposure is judged on what really reaches the socket (bind
 scope and firewall together); a wide bind narrowed by the firewall alone is not an error.
 """
 
@@ -126,14 +126,6 @@ def unexpected(listeners: Iterable[Listener], ignore: Sequence[IgnoreRule]) -> t
     )
 
 
-# the seed's bug outranks a missing app: it is what every host-side tool misses
-_PUBLISHED_SEVERITY = {
-    PublishedStatus.OK: 0,
-    PublishedStatus.NOT_LISTENING: 1,
-    PublishedStatus.LOOPBACK_ONLY: 2,
-}
-
-
 def judge_published(
     ports: Iterable[PublishedPort],
     owners: Mapping[str, tuple[str, str]],
@@ -177,17 +169,3 @@ def judge_published(
             )
         )
     return tuple(out)
-
-
-def worst_published(published: Iterable[Published]) -> dict[tuple[str, str, int], Published]:
-    """One verdict per (container, protocol, host port): IPv4 and IPv6 rules of one
-    published port share the status series, and the worse of the two speaks for it."""
-    worst: dict[tuple[str, str, int], Published] = {}
-    for p in published:
-        key = (p.container, p.protocol.value, p.host_port)
-        if (
-            key not in worst
-            or _PUBLISHED_SEVERITY[p.status] > _PUBLISHED_SEVERITY[worst[key].status]
-        ):
-            worst[key] = p
-    return worst

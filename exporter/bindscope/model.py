@@ -1,6 +1,8 @@
 """The data every stage passes on: enums used as label values and frozen records.
 
-Data flows one way: config -> discover -> classify -> judge -> probe -> collector.
+Data flows one way: config -> discover -> classify -> judge -> probe -> scan -> collector.
+Each vocabulary (statuses and their severity, error sources, namespace kinds) is defined
+here once; every module, the mixin included, imports it rather than spelling it.
 Every record is immutable so a finished scan can be shared with scrapes without locks.
 """
 
@@ -8,7 +10,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 HOST_NETNS = "host"
 UNKNOWN_PROCESS = "unknown"
@@ -71,6 +75,50 @@ class Status(enum.Enum):
     # Bound wide enough, but the packet filter drops other hosts on every address.
     BLOCKED = "blocked"
 
+    @property
+    def severity(self) -> int:
+        """How bad it is, 0 for ok: the worst of several services is the highest.
+
+        judge gives a service the most severe status that holds for it; not_listening
+        excludes every other (with no listener nothing else can be told).
+        """
+        return _STATUS_SEVERITY[self]
+
+
+# a security problem outranks an availability one, and a service nobody can reach
+# from another host outranks one that is missing (an alert already covers that case)
+_STATUS_SEVERITY = {
+    Status.OK: 0,
+    Status.PROCESS_UNKNOWN: 1,
+    Status.WRONG_PROCESS: 2,
+    Status.BLOCKED: 3,
+    Status.NOT_LISTENING: 4,
+    Status.LOOPBACK_ONLY: 5,
+    Status.OVEREXPOSED: 6,
+}
+
+
+class ErrorSource(enum.Enum):
+    """Where a scan error came from: the `source` label of bindscope_scan_errors_total."""
+
+    SCAN = "scan"  # a whole scan failed
+    PROC = "proc"  # a /proc entry could not be read
+    PROC_VANISHED = "proc_vanished"  # a process exited while it was read
+    PROCESS_ATTRIBUTION = "process_attribution"  # no right to read another user's fds
+    INTERFACES = "interfaces"
+    NETNS = "netns"
+    FIREWALL = "firewall"
+    NAT = "nat"
+
+
+class NamespaceKind(enum.Enum):
+    """The `kind` label of bindscope_network_namespaces."""
+
+    HOST = "host"  # the exporter's own
+    CONTAINER = "container"  # a member process belongs to a container runtime's cgroup
+    NAMED = "named"  # under /run/netns (`ip netns`)
+    OTHER = "other"
+
 
 class Firewall(enum.Enum):
     """What the namespace's packet filter does to a new connection from another host."""
@@ -84,6 +132,18 @@ class PublishedStatus(enum.Enum):
     OK = "ok"
     NOT_LISTENING = "not_listening"
     LOOPBACK_ONLY = "loopback_only"
+
+    @property
+    def severity(self) -> int:
+        # the app on loopback inside outranks a missing app: every host-side tool misses it
+        return _PUBLISHED_SEVERITY[self]
+
+
+_PUBLISHED_SEVERITY = {
+    PublishedStatus.OK: 0,
+    PublishedStatus.NOT_LISTENING: 1,
+    PublishedStatus.LOOPBACK_ONLY: 2,
+}
 
 
 @dataclass(frozen=True)
@@ -113,6 +173,14 @@ class ProcessInfo:
 
 
 NO_PROCESS = ProcessInfo(pid=None, name=UNKNOWN_PROCESS)
+
+
+class InterfaceAddress(NamedTuple):
+    """An address as discovery reads it from an interface, before classification."""
+
+    interface: str
+    address: str  # no brackets, no zone
+    family: int  # 4 or 6
 
 
 @dataclass(frozen=True)
@@ -203,6 +271,17 @@ class Published:
     container: str = ""
     listeners: tuple[Listener, ...] = ()  # what listens on the target port in there
     probe: ProbeResult | None = None  # a connect to the target from the host
+
+
+def worst_published(published: Iterable[Published]) -> dict[tuple[str, str, int], Published]:
+    """One verdict per (container, protocol, host port): IPv4 and IPv6 rules of one
+    published port share the status series, and the worse of the two speaks for it."""
+    worst: dict[tuple[str, str, int], Published] = {}
+    for p in published:
+        key = (p.container, p.protocol.value, p.host_port)
+        if key not in worst or p.status.severity > worst[key].status.severity:
+            worst[key] = p
+    return worst
 
 
 @dataclass(frozen=True)

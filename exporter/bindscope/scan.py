@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from bindscope.classify import after_firewall, exposure_of, host_address, scope_of
 from bindscope.config.load import Config
@@ -17,6 +17,7 @@ from bindscope.judge import judge, judge_published, unexpected
 from bindscope.model import (
     HOST_NETNS,
     NO_PROCESS,
+    ErrorSource,
     Firewall,
     HostAddress,
     Listener,
@@ -61,7 +62,7 @@ class _Decisions:
         self,
         ruleset: Ruleset | None,
         previous: _Decisions | None,
-        error: Callable[[str, str], None],
+        error: Callable[[ErrorSource, str], None],
     ) -> None:
         self.ruleset = ruleset
         self._error = error
@@ -79,7 +80,7 @@ class _Decisions:
                     d = evaluate(self.ruleset, key[0], key[1], key[2], key[3])
                     verdict = d.verdict
                 except Exception as e:  # a rule shape the evaluator chokes on: say unknown
-                    self._error("firewall", f"evaluating {key}: {type(e).__name__}: {e}")
+                    self._error(ErrorSource.FIREWALL, f"evaluating {key}: {type(e).__name__}: {e}")
                     verdict = Firewall.UNKNOWN
         self._new[key] = verdict
         return verdict
@@ -92,10 +93,10 @@ class _Rulesets:
         self._cache: dict[str, tuple[int | None, float, Ruleset | None, str]] = {}
         self._decisions: dict[str, _Decisions] = {}
 
-    def view(self, view: NamespaceView, error: Callable[[str, str], None]) -> _Decisions:
+    def view(self, view: NamespaceView, error: Callable[[ErrorSource, str], None]) -> _Decisions:
         ruleset, err = self._get(view)
         if err:  # counted when a read fails, not on every scan that reuses its outcome
-            error("firewall", f"{view.label}: {err}")
+            error(ErrorSource.FIREWALL, f"{view.label}: {err}")
         decisions = _Decisions(ruleset, self._decisions.get(view.label), error)
         self._decisions[view.label] = decisions
         return decisions
@@ -157,12 +158,12 @@ class Scanner:
         self._own = frozenset(own)
         self._resolver = InodeResolver()
         self._errors: Counter[str] = Counter()
-        self._logged: set[str] = set()
+        self._logged: set[ErrorSource] = set()
         self._inventory = Inventory(self.error, backend, namespaces)
         self._rulesets = _Rulesets() if firewall else None
         self._published = _PublishedPorts() if published and namespaces else None
         # netns label -> (addresses and ruleset it was classified with, id(socket) -> Listener)
-        self._memo: dict[str, tuple[object, dict[int, Listener]]] = {}
+        self._memo: dict[str, tuple[object, dict[Socket, Listener]]] = {}
 
     @property
     def backend(self) -> str:
@@ -171,24 +172,24 @@ class Scanner:
     def set_own(self, own: Collection[tuple[str, int]]) -> None:
         self._own = frozenset(own)
 
-    def error(self, source: str, detail: str, count: int = 1) -> None:
+    def error(self, source: ErrorSource, detail: str, count: int = 1) -> None:
         """Count an error; log the first of each source, the rest only at debug."""
-        self._errors[source] += count
+        self._errors[source.value] += count
         if source not in self._logged:
             self._logged.add(source)
             log.warning(
                 "scan error (further ones of this source are only counted)",
-                extra={"source": source, "detail": detail},
+                extra={"source": source.value, "detail": detail},
             )
         else:
-            log.debug("scan error", extra={"source": source, "detail": detail})
+            log.debug("scan error", extra={"source": source.value, "detail": detail})
 
     def scan(self, config: Config) -> Snapshot:
         t0 = time.monotonic()
         try:
             return self._scan(config, t0)
         except Exception as e:  # a scan must never take the daemon down
-            self.error("scan", f"{type(e).__name__}: {e}")
+            self.error(ErrorSource.SCAN, f"{type(e).__name__}: {e}")
             verdicts, _ = judge(config.services, [], self._own)
             return Snapshot(
                 timestamp=time.time(),
@@ -204,10 +205,16 @@ class Scanner:
 
     def _scan(self, config: Config, t0: float) -> Snapshot:
         views = self._inventory.collect()
-        listeners = self._classify(views)
+        addresses = {
+            v.label: None
+            if v.interfaces is None
+            else tuple(host_address(a.interface, a.address, a.family) for a in v.interfaces)
+            for v in views
+        }
+        listeners = self._classify(views, addresses)
         verdicts, labelled = judge(config.services, listeners, self._own)
-        published = self._judge_published(views, labelled)
-        host = next((v.addresses for v in views if v.label == HOST_NETNS), None) or ()
+        published = self._judge_published(views, addresses, labelled)
+        host = addresses.get(HOST_NETNS) or ()
         if config.probe.enabled:
             verdicts, published = self._probe(config, verdicts, published, host)
         strays = unexpected(labelled, config.unexpected.ignore) if config.unexpected.report else ()
@@ -225,18 +232,23 @@ class Scanner:
             namespaces=dict(Counter(v.kind for v in views)),
         )
 
-    def _classify(self, views: Sequence[NamespaceView]) -> list[Listener]:
+    def _classify(
+        self,
+        views: Sequence[NamespaceView],
+        addresses_of: Mapping[str, tuple[HostAddress, ...] | None],
+    ) -> list[Listener]:
         owners = self._attribute(views)
         listeners = []
-        memo: dict[str, tuple[object, dict[int, Listener]]] = {}
+        memo: dict[str, tuple[object, dict[Socket, Listener]]] = {}
         for view in views:
-            addresses = view.addresses if view.addresses is not None else _ASSUMED
+            read = addresses_of[view.label]
+            addresses = read if read is not None else _ASSUMED
             # a firewall verdict on assumed addresses would be made up: none then; and a
             # namespace where only loopback listens needs no ruleset read at all
             rules = (
                 self._rulesets.view(view, self.error)
                 if self._rulesets is not None
-                and view.addresses is not None
+                and read is not None
                 and any(scope_of(s.address) is not Scope.LOOPBACK for s in view.sockets)
                 else None
             )
@@ -246,13 +258,14 @@ class Scanner:
             last_basis, last = self._memo.get(view.label, (None, {}))
             if last_basis != basis:
                 last = {}
-            kept: dict[int, Listener] = {}
+            kept: dict[Socket, Listener] = {}
             memo[view.label] = (basis, kept)
             for sock in view.sockets:
                 owner = owners.get(sock, NO_PROCESS)
-                known = last.get(id(sock))
-                if known is not None and known.socket is sock and known.process is owner:
-                    kept[id(sock)] = known
+                # by value: other namespaces' sockets are new objects on every scan
+                known = last.get(sock)
+                if known is not None and known.process == owner:
+                    kept[sock] = known
                     listeners.append(known)
                     continue
                 verdict, effective = None, None
@@ -268,7 +281,7 @@ class Scanner:
                     firewall=verdict,
                     effective=effective if verdict is not None else None,
                 )
-                kept[id(sock)] = listener
+                kept[sock] = listener
                 listeners.append(listener)
         self._memo = memo
         if self._rulesets is not None:
@@ -293,16 +306,19 @@ class Scanner:
                 try:
                     info = read_process(pid)
                 except OSError as e:
-                    self.error("proc", f"pid {pid}: {e}")
+                    self.error(ErrorSource.PROC, f"pid {pid}: {e}")
                     continue
                 if info is None:
-                    self.error("proc_vanished", f"pid {pid}")
+                    self.error(ErrorSource.PROC_VANISHED, f"pid {pid}")
                 else:
                     owners[s] = info
         return owners
 
     def _judge_published(
-        self, views: Sequence[NamespaceView], listeners: Sequence[Listener]
+        self,
+        views: Sequence[NamespaceView],
+        addresses_of: Mapping[str, tuple[HostAddress, ...] | None],
+        listeners: Sequence[Listener],
     ) -> tuple[Published, ...]:
         if self._published is None:
             return ()
@@ -311,12 +327,12 @@ class Scanner:
         except Exception as e:  # NAT rules of a shape the parser does not know
             ports, errors = [], [f"{type(e).__name__}: {e}"]
         for detail in errors:
-            self.error("nat", detail)
+            self.error(ErrorSource.NAT, detail)
         owners = {
             a.address: (v.label, v.container)
             for v in views
             if v.label != HOST_NETNS
-            for a in v.addresses or ()
+            for a in addresses_of[v.label] or ()
             if a.scope is not Scope.LOOPBACK
         }
         return judge_published(ports, owners, listeners)

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from bindscope.judge import worst_published
-from bindscope.model import Exposure, Protocol, PublishedStatus, Snapshot, Status
-
-# listed at 0 from the start, so rate() and alerts see a series before the first error
-ERROR_SOURCES = (
-    "scan",
-    "proc",
-    "proc_vanished",
-    "process_attribution",
-    "interfaces",
-    "netns",
-    "firewall",
-    "nat",
+from bindscope.model import (
+    ErrorSource,
+    Exposure,
+    NamespaceKind,
+    Protocol,
+    PublishedStatus,
+    Snapshot,
+    Status,
+    worst_published,
 )
+
+
+def _one_of(vocabulary: type[enum.Enum]) -> str:
+    return ", ".join(v.value for v in vocabulary)
 
 
 class SnapshotCollector(Collector):
@@ -56,20 +57,21 @@ class SnapshotCollector(Collector):
         )
         status = GaugeMetricFamily(
             "bindscope_service_status",
-            "Verdict for each declared service, one-hot: ok, "
-            "not_listening, loopback_only, overexposed, wrong_process, process_unknown, blocked.",
+            "Verdict for each declared service, one-hot: " + _one_of(Status) + ".",
             labels=["service", "status"],
         )
         effective = GaugeMetricFamily(
             "bindscope_service_effective_exposure",
-            "Who can reach the service after the firewall, one-hot: none, loopback, private, "
-            "public. Equal to bindscope_service_exposure when the firewall is not read.",
+            "Who can reach the service after the firewall, one-hot: "
+            + _one_of(Exposure)
+            + ". Equal to bindscope_service_exposure when the firewall is not read.",
             labels=["service", "exposure"],
         )
         exposure = GaugeMetricFamily(
             "bindscope_service_exposure",
-            "Who can reach the service judging by its bind "
-            "addresses, one-hot: none, loopback, private, public.",
+            "Who can reach the service judging by its bind addresses, one-hot: "
+            + _one_of(Exposure)
+            + ".",
             labels=["service", "exposure"],
         )
         success = GaugeMetricFamily(
@@ -250,7 +252,7 @@ class SnapshotCollector(Collector):
             "Network namespaces scanned, by kind: host, container, named (ip netns), other.",
             labels=["kind"],
         )
-        for kind in ("host", "container", "named", "other"):
+        for kind in (k.value for k in NamespaceKind):
             kinds.add_metric([kind], snap.namespaces.get(kind, 0))
         yield kinds
 
@@ -272,7 +274,9 @@ class SnapshotCollector(Collector):
             "/proc entries, processes that exited mid-scan).",
             labels=["source"],
         )
-        counts = dict.fromkeys(ERROR_SOURCES, 0) | snap.errors
+        # every source listed at 0 from the start: rate() and alerts see a series before the
+        # first error
+        counts = dict.fromkeys((e.value for e in ErrorSource), 0) | snap.errors
         for source in sorted(counts):
             errors.add_metric([source], counts[source])
         yield errors

@@ -6,21 +6,17 @@ import socket
 
 import psutil
 
-from bindscope.classify import host_address
+from bindscope.model import InterfaceAddress
 
 _FAMILIES = {socket.AF_INET: 4, socket.AF_INET6: 6}
 
 
-def interface_addresses() -> list[tuple[str, str, int]]:
+def interface_addresses() -> list[InterfaceAddress]:
     """(interface, address, family) for every IP address; IPv6 zones stripped."""
     found = []
     for ifname, addrs in psutil.net_if_addrs().items():
         for a in addrs:
             family = _FAMILIES.get(a.family)
             if family is not None:
-                found.append((ifname, a.address.split("%", 1)[0], family))
+                found.append(InterfaceAddress(ifname, a.address.split("%", 1)[0], family))
     return found
-
-
-def host_addresses():
-    return tuple(host_address(ifname, addr, fam) for ifname, addr, fam in interface_addresses())

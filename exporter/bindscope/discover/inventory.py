@@ -16,9 +16,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bindscope.classify import host_address
 from bindscope.discover import netlink, psutil_backend
-from bindscope.discover.addresses import host_addresses
+from bindscope.discover.addresses import interface_addresses
 from bindscope.discover.containers import ContainerNames
 from bindscope.discover.namespaces import (
     Memberships,
@@ -28,11 +27,18 @@ from bindscope.discover.namespaces import (
     in_namespace,
     read_proc_net,
 )
-from bindscope.model import HOST_NETNS, HostAddress, Protocol, Socket
+from bindscope.model import (
+    HOST_NETNS,
+    ErrorSource,
+    InterfaceAddress,
+    NamespaceKind,
+    Protocol,
+    Socket,
+)
 
 log = logging.getLogger("bindscope.discover")
 
-ErrorSink = Callable[[str, str], None]  # (source, detail)
+ErrorSink = Callable[[ErrorSource, str], None]  # (source, detail)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class NamespaceView:
     path: str  # opens it (for the firewall reader)
     container: str
     sockets: tuple[Socket, ...]
-    addresses: tuple[HostAddress, ...] | None  # None: could not be read
+    interfaces: tuple[InterfaceAddress, ...] | None  # None: could not be read
     # pids psutil attributed sockets to (psutil backend only): (proto, addr, port) -> pid
     pids: dict[tuple[str, str, int], int] | None = None
 
@@ -69,17 +75,17 @@ class Inventory:
         try:
             found, errors = enumerate_namespaces(memo=self._memberships)
         except OSError as e:
-            self._error("netns", f"listing namespaces: {e}")
+            self._error(ErrorSource.NETNS, f"listing namespaces: {e}")
             return views
         for detail in errors:
-            self._error("netns", detail)
+            self._error(ErrorSource.NETNS, detail)
         seen = set()
         for ns in found[1:]:
             seen.add(ns.inode)
             try:
                 view = self._other(ns)
             except Exception as e:  # one namespace (often one that vanished) spoils no scan
-                self._error("netns", f"{ns.label}: {type(e).__name__}: {e}")
+                self._error(ErrorSource.NETNS, f"{ns.label}: {type(e).__name__}: {e}")
                 continue
             if view is not None:
                 views.append(view)
@@ -106,19 +112,25 @@ class Inventory:
         if self._backend == "psutil":
             sockets, pids = psutil_backend.list_sockets()
         try:
-            addresses: tuple[HostAddress, ...] | None = host_addresses()
+            addresses: tuple[InterfaceAddress, ...] | None = tuple(interface_addresses())
         except OSError as e:
-            self._error("interfaces", str(e))
+            self._error(ErrorSource.INTERFACES, str(e))
             addresses = None
         return NamespaceView(
-            HOST_NETNS, "host", "/proc/self/ns/net", "", tuple(sockets), addresses, pids
+            HOST_NETNS,
+            NamespaceKind.HOST.value,
+            "/proc/self/ns/net",
+            "",
+            tuple(sockets),
+            addresses,
+            pids,
         )
 
     def _other(self, ns: Namespace) -> NamespaceView | None:
         # a remembered member pid may have been reused or have moved since: the path must
         # still open this namespace
         if os.stat(ns.path).st_ino != ns.inode:
-            self._error("netns", f"{ns.label}: {ns.path} no longer leads to it")
+            self._error(ErrorSource.NETNS, f"{ns.label}: {ns.path} no longer leads to it")
             return None
         container = self._names.name(ns.container) if ns.container is not None else ""
         sockets = self._dump(ns)
@@ -127,13 +139,12 @@ class Inventory:
         if sockets is None:
             return None
         try:
-            addresses: tuple[HostAddress, ...] | None = tuple(
-                host_address(ifname, addr, fam)
-                for ifname, addr, fam in addresses_in_namespace(ns.path)
+            addresses: tuple[InterfaceAddress, ...] | None = tuple(
+                InterfaceAddress(*a) for a in addresses_in_namespace(ns.path)
             )
         except OSError as e:
             if e.errno != errno.EPERM:
-                self._error("netns", f"{ns.label}: interfaces: {e}")
+                self._error(ErrorSource.NETNS, f"{ns.label}: interfaces: {e}")
             addresses = None
         return NamespaceView(
             ns.label,
@@ -174,7 +185,7 @@ class Inventory:
                 errno.ENOENT,
                 errno.ESRCH,
             ):
-                self._error("netns", f"{ns.label}: netlink: {e}")
+                self._error(ErrorSource.NETNS, f"{ns.label}: netlink: {e}")
             return None
 
     def _proc_net(self, ns: Namespace) -> list[Socket] | None:
@@ -184,14 +195,14 @@ class Inventory:
             except FileNotFoundError:
                 continue  # exited: try another member
             except OSError as e:
-                self._error("netns", f"{ns.label}: /proc/{pid}/net: {e}")
+                self._error(ErrorSource.NETNS, f"{ns.label}: /proc/{pid}/net: {e}")
                 return None
             return [
                 Socket(Protocol(proto), addr, port, fam, None, inode, uid)
                 for proto, fam, addr, port, inode, uid in rows
             ]
         self._error(
-            "netns",
+            ErrorSource.NETNS,
             f"{ns.label}: cannot enter it (no CAP_SYS_ADMIN) nor read a member's /proc/PID/net",
         )
         return None

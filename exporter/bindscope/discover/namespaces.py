@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from bindscope.discover.addresses import interface_addresses
 from bindscope.discover.containers import ContainerRef, container_from_cgroup
-from bindscope.model import HOST_NETNS
+from bindscope.model import HOST_NETNS, NamespaceKind
 
 T = TypeVar("T")
 
@@ -114,7 +114,13 @@ def enumerate_namespaces(
 
     named = _named_namespaces(run_netns, own.st_dev, errors)
     found = [
-        Namespace(own.st_ino, HOST_NETNS, f"{proc}/self/ns/net", _pids(members, own.st_ino), "host")
+        Namespace(
+            own.st_ino,
+            HOST_NETNS,
+            f"{proc}/self/ns/net",
+            _pids(members, own.st_ino),
+            NamespaceKind.HOST.value,
+        )
     ]
     for inode in sorted(set(members) | set(named)):
         if inode == own.st_ino:
@@ -130,7 +136,13 @@ def enumerate_namespaces(
             label, path = named[inode], f"{run_netns}/{named[inode]}"
         else:
             label, path = f"netns:{inode}", f"{proc}/{pids[0]}/ns/net"
-        kind = "container" if refs else "named" if inode in named else "other"
+        kind = (
+            NamespaceKind.CONTAINER
+            if refs
+            else NamespaceKind.NAMED
+            if inode in named
+            else NamespaceKind.OTHER
+        ).value
         found.append(Namespace(inode, label, path, pids, kind, refs))
     if memo is not None:
         memo.end(alive, {ns.inode for ns in found})

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from bindscope.model import NO_PROCESS, ProcessInfo
+from bindscope.model import NO_PROCESS, ErrorSource, ProcessInfo
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Attribution:
     """The outcome of one resolve() call."""
 
     owners: dict[int, ProcessInfo]  # inode -> owner, for the inodes found
-    errors: Counter[str] = field(default_factory=Counter)  # source -> count
+    errors: Counter[ErrorSource] = field(default_factory=Counter)
 
 
 class InodeResolver:
@@ -69,7 +69,7 @@ class InodeResolver:
         try:
             pids = [int(p) for p in os.listdir(self._proc) if p.isdigit()]
         except OSError:
-            result.errors["proc"] += 1
+            result.errors[ErrorSource.PROC] += 1
             return
         alive = set(pids)
         self._walked &= alive
@@ -114,19 +114,19 @@ class InodeResolver:
         targets = {k: v for k, v in targets.items() if v not in result.owners}
         if targets and self._denied:
             # the sockets we could not attribute, when some processes were unreadable
-            result.errors["process_attribution"] += len(targets)
+            result.errors[ErrorSource.PROCESS_ATTRIBUTION] += len(targets)
 
-    def _process(self, pid: int, errors: Counter[str]) -> ProcessInfo | None:
+    def _process(self, pid: int, errors: Counter[ErrorSource]) -> ProcessInfo | None:
         info = self._info.get(pid)
         if info is not None:
             return info
         try:
             info = read_process(pid, self._proc)
         except OSError:
-            errors["proc"] += 1
+            errors[ErrorSource.PROC] += 1
             return None
         if info is None:
-            errors["proc_vanished"] += 1
+            errors[ErrorSource.PROC_VANISHED] += 1
             return None
         self._info[pid] = info
         return info
