@@ -23,7 +23,7 @@ from bindscope.discover.namespaces import (
     parse_proc_net,
     read_proc_net,
 )
-from bindscope.netfilter.nat import read_published_ports
+from bindscope.netfilter.read import read_netfilter
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CGROUP = FIXTURES / "cgroup"
@@ -171,7 +171,8 @@ def test_real_podman_container_followed_end_to_end(loopback_app):
     app = loopback_app
     assert ipaddress.ip_address(app.ip) in ipaddress.ip_network(PODMAN_SUBNET)
 
-    ports, errors = read_published_ports()
+    state = read_netfilter()
+    ports, errors = state.nat, state.nat_errors
     keys = {p.key for p in ports}
     assert ("tcp", "127.0.0.1", app.port, app.ip, 8080) in keys, (ports, errors)
 

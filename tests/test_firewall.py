@@ -203,10 +203,11 @@ def test_read_adds_legacy_tables():
     [
         (
             (1, "", "netlink: Error: cache initialization failed: Operation not permitted\n"),
-            "nft: netlink: Error: cache initialization failed: Operation not permitted",
+            "nft -j list ruleset: exit 1: netlink: Error: cache initialization failed: "
+            "Operation not permitted",
         ),
-        (FileNotFoundError(2, "No such file", "nft"), "nft: not installed (nft)"),
-        (subprocess.TimeoutExpired("nft", 5.0), "nft: no answer in 5.0s"),
+        (FileNotFoundError(2, "No such file", "nft"), "nft: not installed"),
+        (subprocess.TimeoutExpired("nft", 5.0), "nft -j list ruleset: no answer in 5.0s"),
         ((0, "garbage", ""), "not nft JSON output"),
     ],
     ids=["no-cap-net-admin", "not-installed", "timeout", "bad-output"],
@@ -312,3 +313,18 @@ def test_generation_id_answers_without_a_subprocess():
 )
 def test_opening_command_uses_the_tool_that_wrote_the_table(decision, command):
     assert opening_command(decision, "tcp", 7000) == command
+
+
+def test_a_named_namespace_without_legacy_tools_keeps_the_nft_ruleset():
+    """Whether legacy tables exist cannot be told for /run/netns paths, so the legacy tools
+    are asked; where they are not installed, nothing wrote legacy tables."""
+    runner = FakeRunner(
+        {
+            "nft": (0, (FIX / "inet_drop.json").read_text(), ""),
+            "iptables-legacy-save": FileNotFoundError(2, "No such file", "iptables-legacy-save"),
+            "ip6tables-legacy-save": FileNotFoundError(2, "No such file", "ip6tables-legacy-save"),
+        }
+    )
+    rs, err = read_ruleset("/run/netns/x", runner=runner)
+    assert err == ""
+    assert rs is not None and rs.chains

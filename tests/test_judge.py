@@ -14,6 +14,7 @@ from bindscope.model import (
     Listener,
     ProcessInfo,
     Protocol,
+    PublishedPort,
     PublishedStatus,
     Scope,
     ServiceSpec,
@@ -21,7 +22,6 @@ from bindscope.model import (
     Status,
     worst_published,
 )
-from bindscope.netfilter.nat import PublishedPort
 
 GUNICORN = ProcessInfo(pid=10, name="gunicorn")
 PYTHON = ProcessInfo(pid=11, name="python3")

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from bindscope.model import PublishedPort
 from bindscope.netfilter.nat import (
-    PublishedPort,
     docker_proxy_ports,
     parse_iptables_nat,
     parse_nft_nat,
-    read_published_ports,
 )
+from bindscope.netfilter.read import read_netfilter
 
 NAT = Path(__file__).parent / "fixtures" / "nat"
 
@@ -169,8 +169,9 @@ PODMAN_PORTS = [
             9, ["nft"], [],
         ),
         (
-            {"nft": PODMAN_NFT, "iptables-save": PODMAN_SAVE, "ip6tables-save": EMPTY_SAVE},
-            PODMAN_PORTS, ["nft", "iptables-save", "ip6tables-save"], [],
+            {"nft": PODMAN_NFT, "iptables-nft-save": PODMAN_SAVE,
+             "ip6tables-nft-save": EMPTY_SAVE},
+            PODMAN_PORTS, ["nft", "iptables-nft-save", "ip6tables-nft-save"], [],
         ),
         (
             {"iptables-save": PODMAN_SAVE, "ip6tables-save": EMPTY_SAVE},
@@ -179,7 +180,7 @@ PODMAN_PORTS = [
         (
             {"nft": "not json", "iptables-save": PODMAN_SAVE},
             PODMAN_PORTS, ["nft", "iptables-save", "ip6tables-save"],
-            ["nft -j list ruleset: unreadable output"],
+            ["nft -j list ruleset: not nft JSON output"],
         ),
         (
             {"nft": 1, "iptables-save": 4, "ip6tables-save": 4},
@@ -202,7 +203,7 @@ PODMAN_PORTS = [
     ],
     ids=[
         "native nft rules alone: no iptables-save",
-        "iptables-nft dnat hidden in nft json: iptables-save fills in",
+        "iptables-nft dnat hidden in nft json: iptables-nft-save fills in",
         "no nft binary: iptables-save alone, no error",
         "unreadable nft output: error and iptables-save",
         "no CAP_NET_ADMIN: every error kept",
@@ -212,7 +213,8 @@ PODMAN_PORTS = [
 )  # fmt: skip
 def test_read_published_ports(tmp_path, outputs, ports, calls, errors):
     run = _runner(outputs)
-    found, errs = read_published_ports(runner=run, proc=str(tmp_path))
+    state = read_netfilter(runner=run, proc=str(tmp_path), legacy=False)
+    found, errs = list(state.nat), list(state.nat_errors)
     if isinstance(ports, int):
         assert len(found) == ports and {p.source for p in found} == {"nft"}
     else:
@@ -225,11 +227,14 @@ def test_read_published_ports(tmp_path, outputs, ports, calls, errors):
 def test_read_published_ports_reads_legacy_iptables_too(tmp_path):
     (tmp_path / "net").mkdir()
     (tmp_path / "net" / "ip_tables_names").write_text("filter\nnat\n")
-    run = _runner({"nft": NATIVE_NFT, "iptables-save": PODMAN_SAVE, "ip6tables-save": ""})
-    found, errs = read_published_ports(runner=run, proc=str(tmp_path))
-    assert run.calls == ["nft", "iptables-save", "ip6tables-save"]
+    run = _runner(
+        {"nft": NATIVE_NFT, "iptables-legacy-save": PODMAN_SAVE, "ip6tables-legacy-save": ""}
+    )
+    state = read_netfilter(runner=run, proc=str(tmp_path))
+    found, errs = state.nat, state.nat_errors
+    assert run.calls == ["nft", "iptables-legacy-save", "ip6tables-legacy-save"]
     assert [p for p in found if p.source == "iptables"] == PODMAN_PORTS
-    assert errs == []
+    assert errs == ()
 
 
 def _process(proc: Path, pid: int, comm: str, argv: list[str]) -> None:
@@ -287,6 +292,6 @@ def test_docker_proxy_duplicates_of_nat_rules_are_dropped(tmp_path):
         "docker-proxy", "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", "18081",
         "-container-ip", "203.0.113.3", "-container-port", "8080",
     ])  # fmt: skip
-    run = _runner({"nft": PODMAN_NFT, "iptables-save": PODMAN_SAVE, "ip6tables-save": ""})
-    found, _ = read_published_ports(runner=run, proc=str(tmp_path))
-    assert found == PODMAN_PORTS
+    run = _runner({"nft": PODMAN_NFT, "iptables-nft-save": PODMAN_SAVE, "ip6tables-nft-save": ""})
+    found = read_netfilter(runner=run, proc=str(tmp_path), legacy=False).nat
+    assert list(found) == PODMAN_PORTS

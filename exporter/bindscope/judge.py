@@ -19,13 +19,13 @@ from bindscope.model import (
     Listener,
     Protocol,
     Published,
+    PublishedPort,
     PublishedStatus,
     Scope,
     ServiceSpec,
     Status,
     Verdict,
 )
-from bindscope.netfilter.nat import PublishedPort
 
 OWN_SERVICE = "bindscope"
 

@@ -258,6 +258,28 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class PublishedPort:
+    """A host address:port that NAT (or docker-proxy) forwards to a target address:port."""
+
+    protocol: str  # tcp | udp
+    host_address: str  # "0.0.0.0" or "::": every host address of that family
+    host_port: int
+    target_address: str
+    target_port: int
+    source: str  # nft | iptables | docker-proxy
+
+    @property
+    def key(self) -> tuple[str, str, int, str, int]:
+        return (
+            self.protocol,
+            self.host_address,
+            self.host_port,
+            self.target_address,
+            self.target_port,
+        )
+
+
+@dataclass(frozen=True)
 class Published:
     """A host port that NAT forwards into a namespace, and what listens at its target."""
 

@@ -24,14 +24,14 @@ from bindscope.model import (
     ProcessInfo,
     Protocol,
     Published,
+    PublishedPort,
     Scope,
     Snapshot,
     Socket,
     Verdict,
 )
 from bindscope.netfilter.evaluate import evaluate
-from bindscope.netfilter.nat import PublishedPort, read_published_ports
-from bindscope.netfilter.read import generation_id, read_ruleset
+from bindscope.netfilter.read import Netfilter, generation_id, read_netfilter
 from bindscope.netfilter.ruleset import Ruleset
 from bindscope.probe import Target, probe_all
 
@@ -86,62 +86,55 @@ class _Decisions:
         return verdict
 
 
-class _Rulesets:
-    """Each namespace's parsed packet filter, re-read only when it may have changed."""
+class _Netfilter:
+    """Each namespace's netfilter state, read once per generation for both consumers."""
 
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[int | None, float, Ruleset | None, str]] = {}
+    def __init__(
+        self, error: Callable[[ErrorSource, str], None], firewall: bool, nat: bool
+    ) -> None:
+        self._error = error
+        self._firewall = firewall
+        self._nat = nat
+        self._cache: dict[str, tuple[int | None, float, Netfilter]] = {}
         self._decisions: dict[str, _Decisions] = {}
 
-    def view(self, view: NamespaceView, error: Callable[[ErrorSource, str], None]) -> _Decisions:
-        ruleset, err = self._get(view)
-        if err:  # counted when a read fails, not on every scan that reuses its outcome
-            error(ErrorSource.FIREWALL, f"{view.label}: {err}")
-        decisions = _Decisions(ruleset, self._decisions.get(view.label), error)
+    def decisions(self, view: NamespaceView) -> _Decisions:
+        state = self._get(view.label, view.path)
+        decisions = _Decisions(state.ruleset, self._decisions.get(view.label), self._error)
         self._decisions[view.label] = decisions
         return decisions
 
-    def _get(self, view: NamespaceView) -> tuple[Ruleset | None, str]:
-        host = view.label == HOST_NETNS
+    def published(self) -> tuple[PublishedPort, ...]:
+        return self._get(HOST_NETNS, "").nat
+
+    def _get(self, label: str, path: str) -> Netfilter:
+        host = label == HOST_NETNS
         try:
-            gen = generation_id() if host else in_namespace(view.path, generation_id)
+            gen = generation_id() if host else in_namespace(path, generation_id)
         except OSError:
             gen = None
         now = time.monotonic()
-        cached = self._cache.get(view.label)
+        cached = self._cache.get(label)
         # an unknown generation (no CAP_NET_ADMIN, no nftables) is retried only when the
-        # entry is old: a failing read costs four subprocesses
+        # entry is old: a failing read costs several subprocesses
         if cached is not None and cached[0] == gen and now - cached[1] < NETFILTER_MAX_AGE:
-            return cached[2], ""
+            return cached[2]
         try:
-            ruleset, err = read_ruleset(None if host else view.path)
-        except Exception as e:  # output of a shape the parser does not know
-            ruleset, err = None, f"{type(e).__name__}: {e}"
-        self._cache[view.label] = (gen, now, ruleset, err)
-        return ruleset, err
+            state = read_netfilter(None if host else path, nat=host and self._nat)
+        except Exception as e:  # output of a shape the parsers do not know
+            state = Netfilter(None, f"{type(e).__name__}: {e}")
+        # counted when a read fails, not on every scan that reuses its outcome
+        if state.ruleset is None and self._firewall:
+            self._error(ErrorSource.FIREWALL, f"{label}: {state.error}")
+        for detail in state.nat_errors:
+            self._error(ErrorSource.NAT, detail)
+        self._cache[label] = (gen, now, state)
+        return state
 
     def forget(self, labels: Collection[str]) -> None:
         for label in set(self._cache) - set(labels):
             del self._cache[label]
             self._decisions.pop(label, None)
-
-
-class _PublishedPorts:
-    """The host's published ports, re-read when the nftables generation moves."""
-
-    def __init__(self) -> None:
-        self._gen: int | None = None
-        self._at = 0.0
-        self._ports: list[PublishedPort] = []
-
-    def get(self) -> tuple[list[PublishedPort], list[str]]:
-        gen = generation_id()
-        now = time.monotonic()
-        if self._at and gen == self._gen and now - self._at < NETFILTER_MAX_AGE:
-            return self._ports, []  # errors were counted when the rules were read
-        self._ports, errors = read_published_ports()
-        self._gen, self._at = gen, now
-        return self._ports, errors
 
 
 class Scanner:
@@ -160,8 +153,9 @@ class Scanner:
         self._errors: Counter[str] = Counter()
         self._logged: set[ErrorSource] = set()
         self._inventory = Inventory(self.error, backend, namespaces)
-        self._rulesets = _Rulesets() if firewall else None
-        self._published = _PublishedPorts() if published and namespaces else None
+        self._firewall = firewall
+        self._published = published and namespaces
+        self._netfilter = _Netfilter(self.error, firewall, self._published)
         # netns label -> (addresses and ruleset it was classified with, id(socket) -> Listener)
         self._memo: dict[str, tuple[object, dict[Socket, Listener]]] = {}
 
@@ -246,8 +240,8 @@ class Scanner:
             # a firewall verdict on assumed addresses would be made up: none then; and a
             # namespace where only loopback listens needs no ruleset read at all
             rules = (
-                self._rulesets.view(view, self.error)
-                if self._rulesets is not None
+                self._netfilter.decisions(view)
+                if self._firewall
                 and read is not None
                 and any(scope_of(s.address) is not Scope.LOOPBACK for s in view.sockets)
                 else None
@@ -284,8 +278,7 @@ class Scanner:
                 kept[sock] = listener
                 listeners.append(listener)
         self._memo = memo
-        if self._rulesets is not None:
-            self._rulesets.forget([v.label for v in views])
+        self._netfilter.forget([v.label for v in views])
         return listeners
 
     def _attribute(self, views: Sequence[NamespaceView]) -> dict[Socket, ProcessInfo]:
@@ -320,14 +313,9 @@ class Scanner:
         addresses_of: Mapping[str, tuple[HostAddress, ...] | None],
         listeners: Sequence[Listener],
     ) -> tuple[Published, ...]:
-        if self._published is None:
+        if not self._published:
             return ()
-        try:
-            ports, errors = self._published.get()
-        except Exception as e:  # NAT rules of a shape the parser does not know
-            ports, errors = [], [f"{type(e).__name__}: {e}"]
-        for detail in errors:
-            self.error(ErrorSource.NAT, detail)
+        ports = self._netfilter.published()
         owners = {
             a.address: (v.label, v.container)
             for v in views

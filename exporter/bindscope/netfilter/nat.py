@@ -6,35 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from bindscope.model import PublishedPort
 
 ANY4 = "0.0.0.0"
 ANY6 = "::"
 _MAX_DEPTH = 16  # jump chains deeper than Kubernetes' four levels are not followed
-_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class PublishedPort:
-    protocol: str  # tcp | udp
-    host_address: str  # "0.0.0.0" or "::": every host address of that family
-    host_port: int
-    target_address: str
-    target_port: int
-    source: str  # nft | iptables | docker-proxy
-
-    @property
-    def key(self) -> tuple[str, str, int, str, int]:
-        return (
-            self.protocol,
-            self.host_address,
-            self.host_port,
-            self.target_address,
-            self.target_port,
-        )
 
 
 @dataclass(frozen=True)
@@ -97,7 +77,7 @@ def _walk(
                     yield PublishedPort(protocol, host, host_port, address, target, source)
 
 
-def _dedupe(ports: Iterable[PublishedPort]) -> list[PublishedPort]:
+def dedupe(ports: Iterable[PublishedPort]) -> list[PublishedPort]:
     seen: dict[tuple[str, str, int, str, int], PublishedPort] = {}
     for p in ports:
         seen.setdefault(p.key, p)
@@ -109,16 +89,16 @@ def _dedupe(ports: Iterable[PublishedPort]) -> list[PublishedPort]:
 
 def parse_nft_nat(json_text: str) -> list[PublishedPort]:
     """DNAT rules reachable from nat chains hooked at prerouting or output."""
-    return _nft(json.loads(json_text))[0]
+    return nat_from_nft(json.loads(json_text)["nftables"])[0]
 
 
-def _nft(doc: dict) -> tuple[list[PublishedPort], bool]:
+def nat_from_nft(items: list[Any]) -> tuple[list[PublishedPort], bool]:
     """The published ports, and whether some NAT target is an iptables-nft `xt`
     statement, whose arguments nft's JSON leaves out (iptables-save shows them)."""
     tables: dict[tuple[str, str], _Chains] = {}
     bases: list[tuple[tuple[str, str], str]] = []
     opaque = False
-    for item in doc.get("nftables", ()):
+    for item in items:
         if "chain" in item:
             c = item["chain"]
             key = (c["family"], c["table"])
@@ -135,7 +115,7 @@ def _nft(doc: dict) -> tuple[list[PublishedPort], bool]:
                 (match, action)
             )
     found = [p for key, chain in bases for p in _walk(tables[key], chain, _Match(), "nft")]
-    return _dedupe(found), opaque
+    return dedupe(found), opaque
 
 
 def _nft_rule(exprs: Iterable[dict]) -> tuple[_Match, _Action | None]:
@@ -215,7 +195,7 @@ def parse_iptables_nat(save_text: str) -> list[PublishedPort]:
     found = [
         p for base in ("PREROUTING", "OUTPUT") for p in _walk(chains, base, _Match(), "iptables")
     ]
-    return _dedupe(found)
+    return dedupe(found)
 
 
 # The options that matter, by what they set; values of all others are skipped over.
@@ -299,7 +279,7 @@ def docker_proxy_ports(proc: str = "/proc") -> list[PublishedPort]:
         port = _docker_proxy_port(argv[1:])
         if port is not None:
             found.append(port)
-    return _dedupe(found)
+    return dedupe(found)
 
 
 def _docker_proxy_port(args: list[str]) -> PublishedPort | None:
@@ -316,79 +296,3 @@ def _docker_proxy_port(args: list[str]) -> PublishedPort | None:
     except (KeyError, ValueError):
         return None
     return PublishedPort(protocol, host, host_port, target, target_port, "docker-proxy")
-
-
-# ---- reading the host ----
-
-Runner = Callable[..., subprocess.CompletedProcess]
-
-
-def read_published_ports(
-    runner: Runner = subprocess.run, proc: str = "/proc"
-) -> tuple[list[PublishedPort], list[str]]:
-    """Every published port the host's NAT rules and docker-proxy show, and the errors.
-
-    nft's JSON gives native rules; iptables-save is read as well when nft is missing,
-    fails, shows iptables-nft DNAT targets without their arguments, or legacy iptables
-    holds a nat table (nft cannot see those).
-    """
-    errors: list[str] = []
-    ports: list[PublishedPort] = []
-    need_iptables = _legacy_nat(proc)
-    nft_missing = False
-    out, err = _run(runner, ["nft", "-j", "list", "ruleset"])
-    if out is not None:
-        try:
-            found, opaque = _nft(json.loads(out))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            errors.append(f"nft -j list ruleset: unreadable output: {e}")
-            need_iptables = True
-        else:
-            ports.extend(found)
-            need_iptables = need_iptables or opaque
-    else:
-        nft_missing = err is None
-        if err is not None:
-            errors.append(err)
-        need_iptables = True
-    if need_iptables:
-        read_any = False
-        for cmd in (["iptables-save", "-t", "nat"], ["ip6tables-save", "-t", "nat"]):
-            out, err = _run(runner, cmd)
-            if out is not None:
-                read_any = True
-                try:
-                    ports.extend(parse_iptables_nat(out))
-                except ValueError as e:  # shlex: an unbalanced quote
-                    errors.append(f"{' '.join(cmd)}: unreadable output: {e}")
-            elif err is not None:
-                errors.append(err)
-        if nft_missing and not read_any:
-            errors.append("neither nft nor iptables-save could be run: NAT rules not read")
-    ports.extend(docker_proxy_ports(proc))
-    return _dedupe(ports), errors
-
-
-def _run(runner: Runner, cmd: list[str]) -> tuple[str | None, str | None]:
-    """(stdout, None) on success; (None, message) on failure; (None, None) if missing."""
-    try:
-        done = runner(cmd, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
-    except FileNotFoundError:
-        return None, None
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"{cmd[0]}: {e}"
-    if done.returncode != 0:
-        detail = (done.stderr or "").strip().splitlines()
-        return None, f"{' '.join(cmd)}: exit {done.returncode}: {detail[-1] if detail else ''}"
-    return done.stdout, None
-
-
-def _legacy_nat(proc: str) -> bool:
-    for name in ("ip_tables_names", "ip6_tables_names"):
-        try:
-            with open(f"{proc}/net/{name}") as f:
-                if "nat" in f.read().split():
-                    return True
-        except OSError:
-            continue
-    return False

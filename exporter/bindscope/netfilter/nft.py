@@ -21,12 +21,13 @@ from bindscope.netfilter.ruleset import (
 def parse_nft_json(text: str) -> Ruleset:
     """`nft -j list ruleset` output -> Ruleset; ValueError when it is not that."""
     try:
-        return _parse_nft(json.loads(text)["nftables"])
+        return ruleset_from_nft(json.loads(text)["nftables"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"not nft JSON output: {e!r}") from e
 
 
-def _parse_nft(items: list[Any]) -> Ruleset:
+def ruleset_from_nft(items: list[Any]) -> Ruleset:
+    """The items of `nft -j list ruleset` -> Ruleset."""
     chains: dict[tuple[str, str, str], dict] = {}
     rules: dict[tuple[str, str, str], list[Rule]] = {}
     sets: list[NamedSet] = []
