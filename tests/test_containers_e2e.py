@@ -31,7 +31,8 @@ from conftest import (
     wait_for,
 )
 
-from bindscope.diagnose.steps import Case, recognize, step_published
+from bindscope.diagnose.programs import recognize
+from bindscope.diagnose.steps import Case, step_published
 from bindscope.discover.namespaces import read_proc_net
 from bindscope.model import (
     Exposure,

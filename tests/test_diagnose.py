@@ -8,22 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from bindscope.classify import host_address, scope_of
+from bindscope.classify import accepts_on, host_address, scope_of
 from bindscope.cli.init import default_expose, plan, render
-from bindscope.diagnose.steps import (
-    FIREWALL_CHECK,
-    Case,
-    Culprit,
-    Finding,
-    Source,
-    accepts,
-    bind_change,
-    diagnose,
-    python_entry,
-    read_source,
-    recognize,
-    widen_host,
-)
+from bindscope.diagnose.fixes import bind_change, widen_host
+from bindscope.diagnose.programs import Culprit, Source, python_entry, read_source, recognize
+from bindscope.diagnose.steps import FIREWALL_CHECK, Case, Finding, diagnose
 from bindscope.judge import status_of
 from bindscope.model import (
     Exposure,
@@ -377,8 +366,8 @@ def test_an_extra_step_is_one_more_finding():
         "zone ignored",
     ],
 )
-def test_accepts(address: str, v6only: bool | None, target: str, expected: bool):
-    assert accepts(listener(address, v6only=v6only), target) is expected
+def test_accepts_on(address: str, v6only: bool | None, target: str, expected: bool):
+    assert accepts_on(listener(address, v6only=v6only).socket, target) is expected
 
 
 @pytest.mark.parametrize(

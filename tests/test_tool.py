@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 from conftest import TOOL, free_port, wait_for
 
-from bindscope.cli.tool import Paint
+from bindscope.cli.output import Paint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = FIXTURES / "configs"

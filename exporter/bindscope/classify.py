@@ -86,7 +86,9 @@ def _canonical(address: str) -> str:
 
 
 def accepts_on(sock: Socket, address: str) -> bool:
-    """Whether a connection to `address` (one of the namespace's) reaches the socket."""
+    """Whether a connection to `address` (one of the namespace's) reaches the socket;
+    a link-local address may carry its zone (`fe80::1%eth0`, as probes name it)."""
+    address = address.split("%", 1)[0]
     family = 6 if ":" in address else 4
     target = host_address("", address, family)
     return bool(reachable_addresses(sock, [target]))

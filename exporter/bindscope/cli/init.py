@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bindscope.config.load import RESERVED_SERVICE_NAME
-from bindscope.diagnose.steps import Culprit
+from bindscope.diagnose.programs import Culprit
 from bindscope.model import HOST_NETNS, Exposure, Listener, Protocol
 
 DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default net.ipv4.ip_local_port_range

@@ -1,4 +1,4 @@
-"""`bindscope diagnose`: the seed's troubleshooting as data (findings and fixes), from one scan.
+"""`bindscope diagnose`: the classic troubleshooting as data (findings and fixes), from one scan.
 
 Everything here is pure except `read_source`, which reads a Python process's main script.
 A diagnosis is a list of steps, each a function Case -> Finding; a later concern (a
@@ -8,14 +8,18 @@ step in STEPS, and the last finding gathers every step's fixes.
 
 from __future__ import annotations
 
-import ipaddress
-import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from bindscope.classify import accepted_families, reachable_addresses, scope_of
-from bindscope.diagnose.fixes import closing_command, opening_command
+from bindscope.classify import accepts_on, reachable_addresses
+from bindscope.diagnose.fixes import (
+    bind_change,
+    closing_command,
+    narrow_host,
+    opening_command,
+    widen_host,
+)
+from bindscope.diagnose.programs import Culprit
 from bindscope.model import (
     HOST_NETNS,
     Exposure,
@@ -23,7 +27,6 @@ from bindscope.model import (
     HostAddress,
     Listener,
     ProbeResult,
-    ProcessInfo,
     Protocol,
     Published,
     PublishedStatus,
@@ -35,341 +38,6 @@ from bindscope.netfilter.evaluate import evaluate
 from bindscope.netfilter.ruleset import Decision, Ruleset
 
 FIREWALL_CHECK = "a firewall may drop it: check with `nft list ruleset` / `iptables -S`"
-MAX_SOURCE = 256 * 1024  # a main script larger than this is not read for app.run()
-
-
-# --- culprits: what program holds the port, from its command line ---
-
-
-@dataclass(frozen=True)
-class Culprit:
-    """A recognised program; `kind` picks the bind-address fix."""
-
-    kind: str
-    label: str  # "Flask development server", for people
-    evidence: str = ""  # how it was recognised
-    script: str = ""  # the Python main script, when the fix is in its code
-    line: int = 0  # the line of the run() call in `script`
-    call: str = ""  # that line's text, stripped
-    var: str = "app"  # the object whose run() is called; gunicorn's module:VAR
-    app: str = ""  # module:app as gunicorn/uvicorn were given it
-
-    @property
-    def database(self) -> bool:
-        return self.kind in _DATABASES
-
-
-_DATABASES = {"redis", "mysql", "postgres", "memcached", "mongod", "elasticsearch"}
-_LABELS = {
-    "flask": "Flask development server",
-    "flask-cli": "Flask development server (flask run)",
-    "django": "Django development server (runserver)",
-    "gunicorn": "gunicorn",
-    "uvicorn": "uvicorn",
-    "jupyter": "Jupyter",
-    "http.server": "Python http.server",
-    "node": "Node.js server",
-    "next": "Next.js server",
-    "vite": "Vite dev server",
-    "redis": "Redis",
-    "mysql": "MySQL/MariaDB",
-    "postgres": "PostgreSQL",
-    "memcached": "memcached",
-    "mongod": "MongoDB",
-    "elasticsearch": "Elasticsearch",
-    "bindscope": "bindscope-exporter",
-    "publisher": "a container runtime's port publisher",
-}
-# the program's own name (comm or argv[0]'s basename) alone says what it is
-_BY_NAME = {
-    "redis-server": "redis",
-    "mysqld": "mysql",
-    "mariadbd": "mysql",
-    "postgres": "postgres",
-    "postmaster": "postgres",
-    "memcached": "memcached",
-    "mongod": "mongod",
-    "bindscope-exporter": "bindscope",
-    "bindscope-expor": "bindscope",  # comm is cut at 15 characters
-    # they hold a published port on the host for the NAT rule behind it
-    "conmon": "publisher",
-    "docker-proxy": "publisher",
-    "rootlessport": "publisher",
-}
-# a Python entry point (python -m X, or the console script X) and the kind it means
-_PY_TOOLS = {
-    "flask": "flask-cli",
-    "gunicorn": "gunicorn",
-    "uvicorn": "uvicorn",
-    "jupyter": "jupyter",
-    "jupyter-lab": "jupyter",
-    "jupyter-notebook": "jupyter",
-    "jupyter-server": "jupyter",
-    "jupyterlab": "jupyter",
-    "notebook": "jupyter",
-    "http.server": "http.server",
-}
-_PYTHON_RE = re.compile(r"python[0-9.]*[dmu]?")
-_APP_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(?:\(.*\))?")
-_FLASK_IMPORT_RE = re.compile(r"^\s*(?:from\s+flask\b|import\s+flask\b)", re.M)
-_RUN_CALL_RE = re.compile(r"^\s*(?!#)(?:.*?\b)?([A-Za-z_]\w*)\.run\(")
-_UVICORN_RUN_RE = re.compile(r"^\s*(?!#).*\buvicorn\.run\(")
-# ports whose Python owner is most likely this program, when nothing else says so
-_PY_PORT_GUESS = {5000: "flask", 8888: "jupyter"}
-
-
-def _base(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def python_entry(argv: tuple[str, ...]) -> tuple[str, str, tuple[str, ...]] | None:
-    """For a Python command line: ("module" | "script" | "code", name, the arguments after)."""
-    i = 1
-    while i < len(argv):
-        a = argv[i]
-        if a in ("-m", "-c"):
-            name = argv[i + 1] if i + 1 < len(argv) else ""
-            return ("module" if a == "-m" else "code"), name, argv[i + 2 :]
-        if a.startswith("-m") and len(a) > 2:
-            return "module", a[2:], argv[i + 1 :]
-        if a in ("-W", "-X", "--check-hash-based-pycs"):
-            i += 2
-            continue
-        if a.startswith("-"):
-            i += 1
-            continue
-        return "script", a, argv[i + 1 :]
-    return None
-
-
-def _is_python(process: ProcessInfo) -> bool:
-    argv0 = _base(process.cmdline[0]) if process.cmdline else ""
-    return bool(_PYTHON_RE.fullmatch(argv0) or process.name.startswith("python"))
-
-
-def _app_argument(args: tuple[str, ...]) -> str:
-    """gunicorn's / uvicorn's module:app argument (not a host:port bind value)."""
-    for a in args:
-        if _APP_RE.fullmatch(a):
-            return a
-    return ""
-
-
-def recognize(process: ProcessInfo, source: Source | None = None, port: int = 0) -> Culprit | None:
-    """What program this is, from its name, command line and (Python) main script's text."""
-    argv = process.cmdline or (process.name,)
-    names = {process.name, _base(argv[0]), argv[0].split(":", 1)[0]}
-    for name in names:
-        kind = _BY_NAME.get(name)
-        if kind:
-            return Culprit(kind, _LABELS[kind], f"process name {name}")
-    joined = " ".join(argv)
-    if "org.elasticsearch" in joined:
-        return Culprit("elasticsearch", _LABELS["elasticsearch"], "java main class")
-    if any(n.startswith("gunicorn") for n in names):
-        return Culprit("gunicorn", _LABELS["gunicorn"], "process name", app=_app_argument(argv[1:]))
-    if process.name in ("node", "nodejs", "npm", "npx") or _base(argv[0]) in ("node", "nodejs"):
-        return _node(argv)
-    if _is_python(process):
-        return _python(argv, source, port)
-    kind = _PY_TOOLS.get(_base(argv[0]))
-    if kind:
-        return _python((process.name, *argv), source, port)
-    return None
-
-
-def _node(argv: tuple[str, ...]) -> Culprit:
-    for a in argv[1:]:
-        base = _base(a)
-        for tool in ("next", "vite"):
-            if base == tool or f"/{tool}/" in a or f"node_modules/.bin/{tool}" in a:
-                return Culprit(tool, _LABELS[tool], f"command line runs {tool}")
-    return Culprit("node", _LABELS["node"], "process name node")
-
-
-def _python(argv: tuple[str, ...], source: Source | None, port: int) -> Culprit | None:
-    entry = python_entry(argv)
-    if entry is None:
-        return None
-    how, name, rest = entry
-    tool = _base(name)
-    kind = _PY_TOOLS.get(tool)
-    if kind == "flask-cli" and "run" not in rest:
-        kind = None
-    if kind:
-        return Culprit(
-            kind,
-            _LABELS[kind],
-            f"command line runs {tool}",
-            app=_app_argument(rest) if kind in ("gunicorn", "uvicorn") else "",
-        )
-    if tool in ("manage.py", "django-admin") and "runserver" in rest:
-        return Culprit(
-            "django",
-            _LABELS["django"],
-            f"command line runs {tool} runserver",
-            script=name if how == "script" else "",
-        )
-    if how == "script" and source is not None:
-        culprit = _from_source(source.path, source.text)
-        if culprit:
-            return culprit
-    guess = _PY_PORT_GUESS.get(port)
-    if guess:
-        return Culprit(
-            guess,
-            _LABELS[guess],
-            f"a Python process on port {port}, {_LABELS[guess]}'s default (a guess)",
-        )
-    return None
-
-
-def _from_source(script: str, source: str) -> Culprit | None:
-    lines = source.splitlines()
-    if _FLASK_IMPORT_RE.search(source):
-        for n, text in enumerate(lines, 1):
-            m = _RUN_CALL_RE.match(text)
-            if m:
-                return Culprit(
-                    "flask",
-                    _LABELS["flask"],
-                    f"{script} imports flask",
-                    script=script,
-                    line=n,
-                    call=text.strip(),
-                    var=m.group(1),
-                )
-        return Culprit("flask", _LABELS["flask"], f"{script} imports flask", script=script)
-    for n, text in enumerate(lines, 1):
-        if _UVICORN_RUN_RE.match(text):
-            return Culprit(
-                "uvicorn",
-                _LABELS["uvicorn"],
-                f"{script} calls uvicorn.run()",
-                script=script,
-                line=n,
-                call=text.strip(),
-            )
-    return None
-
-
-@dataclass(frozen=True)
-class Source:
-    """A Python process's main script: its path as resolved, and its text."""
-
-    path: str
-    text: str
-
-
-def read_source(process: ProcessInfo, proc: str = "/proc") -> Source | None:
-    """The main script of a Python process, when it has one and it is readable."""
-    if not process.known or not _is_python(process):
-        return None
-    entry = python_entry(process.cmdline)
-    if entry is None or entry[0] != "script":
-        return None
-    path = entry[1]
-    try:
-        if not os.path.isabs(path):
-            path = os.path.join(os.readlink(f"{proc}/{process.pid}/cwd"), path)
-        path = os.path.normpath(path)
-        # through the process's own root: a script inside a container is found there
-        with open(f"{proc}/{process.pid}/root{path}", encoding="utf-8", errors="replace") as f:
-            return Source(path, f.read(MAX_SOURCE))
-    except OSError:
-        return None
-
-
-def bind_change(culprit: Culprit | None, port: int, host: str) -> list[str]:
-    """The concrete change that makes this program listen on `host` (an address)."""
-    h = f"[{host}]" if ":" in host else host
-    kind = culprit.kind if culprit else ""
-    if kind == "flask":
-        module = _base(culprit.script).removesuffix(".py") or "app"
-        fixes = []
-        if culprit.line:
-            fixes.append(
-                f"in {culprit.script} line {culprit.line}: change `{culprit.call}` to "
-                f'`{culprit.var}.run(host="{host}", port={port})`'
-            )
-        else:
-            fixes.append(f'call `app.run(host="{host}", port={port})`')
-        fixes.append(
-            f"or, better outside development, serve it with gunicorn: "
-            f"`gunicorn -b {h}:{port} {module}:{culprit.var}` (or uWSGI: "
-            f"`uwsgi --http {h}:{port} --module {module}:{culprit.var}`)"
-        )
-        return fixes
-    if kind == "flask-cli":
-        return [
-            f"`flask run --host={host} --port={port}` (or set FLASK_RUN_HOST={host})",
-            f"or serve it with gunicorn: `gunicorn -b {h}:{port} module:app`",
-        ]
-    if kind == "django":
-        return [
-            f"`python manage.py runserver {h}:{port}`, and add the host's name to "
-            "ALLOWED_HOSTS in settings.py",
-            f"or serve it with gunicorn: `gunicorn -b {h}:{port} project.wsgi`",
-        ]
-    if kind == "gunicorn":
-        return [
-            f"`gunicorn -b {h}:{port} {culprit.app or 'module:app'}` "
-            f'(or bind = "{h}:{port}" in gunicorn.conf.py)'
-        ]
-    if kind == "uvicorn":
-        if culprit.line:
-            return [
-                f'in {culprit.script} line {culprit.line}: pass host="{host}" to '
-                f'uvicorn.run(): `uvicorn.run(app, host="{host}", port={port})`'
-            ]
-        return [f"`uvicorn {culprit.app or 'module:app'} --host {host} --port {port}`"]
-    if kind == "jupyter":
-        return [
-            f"`jupyter lab --ip={host} --port={port}` (or c.ServerApp.ip = '{host}'); "
-            "keep its token or password: it runs code for whoever connects"
-        ]
-    if kind == "http.server":
-        return [f"`python3 -m http.server --bind {host} {port}`"]
-    if kind == "node":
-        return [
-            f'`server.listen({port}, "{host}")` instead of "localhost" or "127.0.0.1" '
-            '(since Node 17 "localhost" may mean ::1 only), or set the host your '
-            "framework reads (HOST=" + host + ")"
-        ]
-    if kind == "next":
-        return [f"`next start -H {host} -p {port}` (`next dev -H {host}` in development)"]
-    if kind == "vite":
-        return [f"`vite --host {host} --port {port}` (or server.host in vite.config)"]
-    if kind == "redis":
-        return [
-            f"`bind {host}` in redis.conf (keep protected-mode and requirepass), then restart redis"
-        ]
-    if kind == "mysql":
-        return [
-            f"`bind-address = {host}` under [mysqld] (my.cnf, or "
-            "/etc/mysql/mariadb.conf.d/50-server.cnf), then restart it"
-        ]
-    if kind == "postgres":
-        return [
-            f"`listen_addresses = '{host}'` in postgresql.conf (and a matching host line "
-            "in pg_hba.conf), then restart PostgreSQL"
-        ]
-    if kind == "memcached":
-        return [f"`-l {host}` in /etc/memcached.conf, then restart memcached"]
-    if kind == "mongod":
-        return [
-            f"`net.bindIp: {host}` in /etc/mongod.conf (or --bind_ip {host}), then restart mongod"
-        ]
-    if kind == "elasticsearch":
-        return [f"`network.host: {host}` in elasticsearch.yml, then restart it"]
-    if kind == "publisher":
-        return [
-            f"publish it on {host}: `-p {h}:{port}:PORT_INSIDE` in `docker run` / `podman run` "
-            "(`ports:` in compose), then recreate the container"
-        ]
-    if kind == "bindscope":
-        return [f"--web.listen-address={h}:{port}"]
-    return [f"make the program listen on {host}: look for its host, bind or listen setting"]
 
 
 # --- the case and its findings ---
@@ -516,20 +184,6 @@ def step_processes(case: Case) -> Finding:
     return Finding("Which process, with which command line?", tuple(lines) or ("none",))
 
 
-def accepts(lst: Listener, address: str) -> bool:
-    """Whether a socket accepts a connection to one of the host's addresses."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    sock = lst.socket
-    if scope_of(sock.address) is Scope.WILDCARD:
-        return ip.version in accepted_families(sock)
-    bound = ipaddress.ip_address(sock.address)
-    if isinstance(bound, ipaddress.IPv6Address) and bound.ipv4_mapped is not None:
-        bound = bound.ipv4_mapped
-    return bound == ip
-
-
 def probe_word(p: ProbeResult) -> str:
     if p.success:
         return "ok"
@@ -539,7 +193,11 @@ def probe_word(p: ProbeResult) -> str:
 def unexpected_failures(case: Case, v: Verdict) -> list[ProbeResult]:
     """Probes that failed on an address a listener of the service does accept."""
     tcp = [lst for lst in v.listeners if lst.socket.protocol is Protocol.TCP]
-    return [p for p in v.probes if not p.success and any(accepts(lst, p.address) for lst in tcp)]
+    return [
+        p
+        for p in v.probes
+        if not p.success and any(accepts_on(lst.socket, p.address) for lst in tcp)
+    ]
 
 
 def step_probes(case: Case) -> Finding:
@@ -573,23 +231,6 @@ def step_probes(case: Case) -> Finding:
             names = ", ".join(p.address for p in failed)
             fixes.append(f"it listens on {names} but connecting there fails: {FIREWALL_CHECK}")
     return Finding(title, tuple(lines), tuple(fixes), problem)
-
-
-def widen_host(expose: Exposure, addresses: tuple[HostAddress, ...]) -> str:
-    """Where to bind so other hosts can connect without going wider than declared."""
-    if expose is Exposure.PRIVATE and any(a.scope is Scope.PUBLIC for a in addresses):
-        private = [a for a in addresses if a.scope is Scope.PRIVATE]
-        if private:
-            return private[0].address
-    return "0.0.0.0"
-
-
-def narrow_host(expose: Exposure, addresses: tuple[HostAddress, ...]) -> str:
-    if expose is Exposure.PRIVATE:
-        private = [a for a in addresses if a.scope is Scope.PRIVATE and a.family == 4]
-        if private:
-            return private[0].address
-    return "127.0.0.1"
 
 
 def _culprits_of(case: Case, v: Verdict) -> list[Culprit | None]:
