@@ -10,6 +10,9 @@ import pytest
 
 from bindscope.classify import accepts_on, host_address, scope_of
 from bindscope.cli.init import default_expose, plan, render
+from bindscope.config.load import Config
+from bindscope.diagnose.case import diagnosis_of
+from bindscope.diagnose.document import to_document
 from bindscope.diagnose.fixes import bind_change, widen_host
 from bindscope.diagnose.programs import Culprit, Source, python_entry, read_source, recognize
 from bindscope.diagnose.steps import FIREWALL_CHECK, Case, Finding, diagnose
@@ -22,6 +25,7 @@ from bindscope.model import (
     ProcessInfo,
     Protocol,
     ServiceSpec,
+    Snapshot,
     Socket,
     Verdict,
 )
@@ -321,7 +325,10 @@ def test_nothing_listening():
     d = diagnose(case([], {"127.0.0.1": REFUSED}))
     assert d.problem
     assert d.findings[0] == Finding(
-        "Is anything listening on port 5000?", ("tcp: nothing", "udp: nothing"), problem=True
+        "Is anything listening on port 5000?",
+        ("tcp: nothing", "udp: nothing"),
+        problem=True,
+        step="listening",
     )
     assert "start the service" in d.fixes[0]
 
@@ -469,3 +476,29 @@ def test_render_is_valid_config_with_the_current_exposure_in_comments():
     assert spec.process.pattern == "^python3$"
     assert re.search(r"expose: loopback {2}# now: loopback on 127.0.0.1; Flask", text)
     assert "\x1b" not in text
+
+
+def test_the_document_names_each_step_and_the_result():
+    d = diagnose(case([listener("127.0.0.1")], {"127.0.0.1": "ok", "198.51.100.1": REFUSED}))
+    doc = to_document(d, "5000")
+    assert (doc["version"], doc["target"], doc["result"]) == (1, "5000", "problem")
+    steps = [f["step"] for f in doc["findings"]]
+    assert steps[:4] == ["listening", "addresses", "processes", "probes"]
+    assert steps[-1] == "fixes"
+    assert doc["fixes"] and all(f["summary"] for f in doc["fixes"])
+
+
+def test_diagnosis_of_a_snapshot_judges_an_undeclared_port():
+    lst = listener("127.0.0.1")
+    snap = Snapshot(
+        timestamp=0.0,
+        duration=0.0,
+        success=True,
+        verdicts=(),
+        listeners=(lst,),
+        unexpected=(),
+        host_addresses=HOSTS,
+    )
+    d = diagnosis_of("5000", snap, Config(), probed=False)
+    assert d.problem
+    assert "loopback" in " ".join(line for f in d.findings for line in f.lines)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from bindscope.config.load import Config
 from bindscope.diagnose.programs import Culprit, read_source, recognize
-from bindscope.diagnose.steps import Case
+from bindscope.diagnose.steps import Case, Diagnosis, diagnose
+from bindscope.judge import judge
 from bindscope.model import (
     HOST_NETNS,
     Exposure,
@@ -92,3 +94,16 @@ def build_case(port: int, snap: Snapshot, declared: bool, probed: bool) -> Case:
         probed=probed,
         published=published,
     )
+
+
+def diagnosis_of(target: str, snap: Snapshot, config: Config, probed: bool) -> Diagnosis:
+    """Diagnose a port or service from a scan already made (the exporter's latest)."""
+    port, specs, declared = resolve_target(target, config)
+    names = {s.name for s in specs}
+    own = tuple(v for v in snap.verdicts if v.service.name in names)
+    if not declared:
+        # an undeclared port was not judged by the scan: judge it now, as the tool does
+        verdicts, _ = judge(specs, [lst for lst in snap.listeners if lst.socket.port == port])
+        own = verdicts
+    case = build_case(port, dataclasses.replace(snap, verdicts=own), declared, probed)
+    return diagnose(case)

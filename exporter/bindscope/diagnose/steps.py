@@ -8,6 +8,7 @@ step in STEPS, and the last finding gathers every step's fixes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class Finding:
     lines: tuple[str, ...] = ()
     fixes: tuple[str, ...] = ()
     problem: bool = False
+    step: str = ""  # the step's name in the --json document: listening, addresses, ...
 
 
 @dataclass(frozen=True)
@@ -546,7 +548,11 @@ def subject(case: Case) -> str:
 
 def diagnose(case: Case, steps: tuple[Step, ...] = STEPS) -> Diagnosis:
     """Run each step; the last finding gathers their fixes."""
-    findings = [f for f in (step(case) for step in steps) if f is not None]
+    findings = [
+        dataclasses.replace(f, step=f.step or step.__name__.removeprefix("step_"))
+        for f, step in ((step(case), step) for step in steps)
+        if f is not None
+    ]
     fixes = tuple(dict.fromkeys(f for finding in findings for f in finding.fixes))
     if fixes:
         lines = fixes
@@ -554,5 +560,5 @@ def diagnose(case: Case, steps: tuple[Step, ...] = STEPS) -> Diagnosis:
         lines = ("see the findings above",)
     else:
         lines = ("nothing: it is reachable as expected",)
-    final = Finding("What to change", lines, fixes)
+    final = Finding("What to change", lines, fixes, step="fixes")
     return Diagnosis(case.port, subject(case), (*findings, final))
