@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bindscope.model import Exposure, Status
 from mixin.rules import (
     EXPOSURE_RANKS,
     PUBLISHED_PORT_LABELS,
@@ -29,16 +30,23 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Dashboards select by variables; the rules' job selector does not apply here.
 VARS = 'job=~"$job", instance=~"$instance"'
 
-_STATUS_COLORS = {
-    "ok": "green",
-    "process_unknown": "blue",
-    "wrong_process": "orange",
-    "blocked": "orange",
-    "not_listening": "yellow",
-    "loopback_only": "red",
-    "overexposed": "dark-red",
+STATUS_COLORS = {
+    Status.OK: "green",
+    Status.PROCESS_UNKNOWN: "blue",
+    Status.WRONG_PROCESS: "orange",
+    Status.BLOCKED: "orange",
+    Status.NOT_LISTENING: "yellow",
+    Status.LOOPBACK_ONLY: "red",
+    Status.OVEREXPOSED: "dark-red",
 }
-_EXPOSURE_COLORS = {"none": "text", "loopback": "green", "private": "blue", "public": "orange"}
+_STATUS_COLORS = {s.value: STATUS_COLORS[s] for s in sorted(Status, key=lambda s: s.severity)}
+EXPOSURE_COLORS = {
+    Exposure.NONE: "text",
+    Exposure.LOOPBACK: "green",
+    Exposure.PRIVATE: "blue",
+    Exposure.PUBLIC: "orange",
+}
+_EXPOSURE_COLORS = {e.value: EXPOSURE_COLORS[e] for e in Exposure}
 # Grafana's own interval variables, for running panel queries outside Grafana.
 GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
 
@@ -449,14 +457,14 @@ def fleet(c: DashboardsConfig) -> dict[str, Any]:
             "Loopback-only services",
             "Services declared private or public that listen on loopback only: clients on "
             "other hosts are refused (the app.run() default).",
-            [_target(_service_table_expr('status="loopback_only"'), table=True)],
+            [_target(_service_table_expr(f'status="{Status.LOOPBACK_ONLY.value}"'), table=True)],
             (12, 8),
             [_only_positive(), _organize(hide=("Value", "status"))],
         ),
         _table(
             "Over-exposed services",
             "Services reachable more widely than declared, after the firewall.",
-            [_target(_service_table_expr('status="overexposed"'), table=True)],
+            [_target(_service_table_expr(f'status="{Status.OVEREXPOSED.value}"'), table=True)],
             (12, 8),
             [_only_positive(), _organize(hide=("Value", "status"))],
         ),
@@ -464,7 +472,14 @@ def fleet(c: DashboardsConfig) -> dict[str, Any]:
             "Other failing services",
             "Services not listening, held by another process, blocked by the firewall, or "
             "whose process cannot be read.",
-            [_target(_service_table_expr('status!~"ok|loopback_only|overexposed"'), table=True)],
+            [
+                _target(
+                    _service_table_expr(
+                        f'status!~"{Status.OK.value}|{Status.LOOPBACK_ONLY.value}|{Status.OVEREXPOSED.value}"'
+                    ),
+                    table=True,
+                )
+            ],
             (12, 8),
             [_only_positive(), _organize(hide=("Value",))],
             overrides=[_column_mappings("status", _STATUS_COLORS)],
