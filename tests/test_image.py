@@ -55,6 +55,9 @@ EVERY_FEATURE = ATTRIBUTION | {"SYS_ADMIN": 21, "NET_ADMIN": 12}
 NETNS_ADDRESS = "198.51.100.1"
 NAME_PREFIX = f"bindscope-test-{os.getpid()}-image"
 NETNS = f"bsi-{os.getpid()}"
+INSTALL_DOC = REPO / "docs" / "install.md"
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def _podman(*args: str, timeout: float = 120) -> str:
@@ -271,6 +274,16 @@ def _wait_scan(running: Running, scene: Scene) -> Metrics:
 def _verdict(m: Metrics, netns: str, port: int) -> str:
     (sample,) = m.all("bindscope_listener_firewall_info", netns=netns, port=str(port))
     return sample.labels["verdict"]
+
+
+def test_the_documented_run_grants_what_these_tests_grant() -> None:
+    doc = INSTALL_DOC.read_text()
+    every = doc[doc.index("Every feature, with container namespaces") :]
+    run_block = every[: every.index("bindscope:0.1.0")]
+    assert {c for c in EVERY_FEATURE if f"--cap-add={c}" in run_block} == set(EVERY_FEATURE)
+    for flag in ("--net=host", "--pid=host", "--cap-drop=ALL", "--read-only",
+                 "-v /run/netns:/run/netns:ro", "no-new-privileges"):  # fmt: skip
+        assert flag in run_block
 
 
 def test_every_feature_with_the_documented_capabilities(exporter_image, scene: Scene) -> None:

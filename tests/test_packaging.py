@@ -68,9 +68,7 @@ def test_version_comes_from_the_package_alone() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "version" not in project["project"]
     assert project["project"]["dynamic"] == ["version"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
-        "attr": "bindscope.__version__"
-    }
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "bindscope.__version__"}
 
 
 def test_artifacts_are_named_for_the_version(dist: Dist) -> None:
