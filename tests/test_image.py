@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import (
     PODMAN,
@@ -217,6 +218,12 @@ class Running:
         lines = Path(f"/proc/{self.pid}/status").read_text().splitlines()
         return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
 
+    def listens(self) -> bool:
+        """Whether the container's exporter holds the port: another process on a port that
+        was free a moment ago would answer the scrape in its place."""
+        conns = psutil.Process(self.pid).net_connections(kind="tcp")
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in conns)
+
     def logs(self) -> str:
         return run(*PODMAN, "logs", self.name, check=False).stderr[-3000:]
 
@@ -266,9 +273,11 @@ def _wait_scan(running: Running, scene: Scene) -> Metrics:
         return None
 
     try:
-        return wait_for(seen, timeout=60, interval=0.2, what="a scan with both listeners")
+        metrics = wait_for(seen, timeout=60, interval=0.2, what="a scan with both listeners")
     except AssertionError as e:
         raise AssertionError(f"{e}\n{running.logs()}") from None
+    assert running.listens(), running.logs()
+    return metrics
 
 
 def _verdict(m: Metrics, netns: str, port: int) -> str:
