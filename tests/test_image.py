@@ -45,7 +45,8 @@ MIRRORS = (
 # minbase: what debian:bookworm-slim is made from, the Containerfile's default base.
 MMDEBSTRAP = ("mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar", SUITE)
 BASE_REPO = "localhost/bindscope-test-base"
-IMAGE = "localhost/bindscope-test-image:current"
+# One tag per checkout: suites of two checkouts running at once keep their own images.
+IMAGE = "localhost/bindscope-test-image:" + hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
 # The host's trust store: on a machine behind a TLS-inspecting proxy it holds the proxy's
 # CA, which pip in the build needs to reach PyPI.
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -116,7 +117,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     if previous and previous != current:
         # the last build, untagged now; the layers it shares with this one stay cached
         run(*PODMAN, "rmi", previous, check=False)
-    return IMAGE
+    # by id: what this build made, even if the tag moves meanwhile
+    return current
 
 
 def _listener(prefix: list[str]) -> tuple[subprocess.Popen, int]:
