@@ -1,6 +1,6 @@
 """The container image, built for real from the Containerfile on a Debian base made here
 (no image registry needed) and run as docs/install.md says: the host's network and PID
-namespaces, the documented capabilities, a non-root user.
+namespaces, the documented capabilities, a non-root user; and as the DaemonSet runs it.
 
 The base's root filesystem is cached under /var/cache/bindscope-tests/, keyed on the
 mmdebstrap inputs, and podman's layer cache keeps the apt layer: a second run rebuilds only
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from conftest import (
     PODMAN,
     REPO,
@@ -150,7 +151,7 @@ def _remove_leftovers() -> None:
     names = _podman("ps", "-a", "--filter", "name=^bindscope-test-", "--format", "{{.Names}}")
     for name in names.split():
         owner = name.split("-")[2]
-        ours = name.endswith(("-image-full", "-image-attribution")) and owner.isdigit()
+        ours = "-image-" in name and owner.isdigit()
         if ours and not Path(f"/proc/{owner}").exists():
             run(*PODMAN, "rm", "-f", "-t", "0", name, check=False)
     for line in run("ip", "netns", "list", check=False).stdout.splitlines():
@@ -239,10 +240,18 @@ def exporter_image(image: str, shared_dir: Path) -> Iterator:
     config.chmod(0o644)
     started: list[str] = []
 
-    def start(tag: str, caps: dict[str, int]) -> Running:
+    def start(tag: str, caps: list[str], command: list[str] | None = None) -> Running:
+        """`command`: an entrypoint and its arguments instead of the image's own, run as
+        uid 0 (the image's user otherwise)."""
         name = f"{NAME_PREFIX}-{tag}"
         port = free_port()
         started.append(name)
+        listen = f"--web.listen-address=127.0.0.1:{port}"
+        if command is None:
+            entry = [image, "--config.file=/etc/bindscope/bindscope.yml", listen]
+        else:
+            args = [listen if a.startswith("--web.listen-address=") else a for a in command[1:]]
+            entry = ["--user", "0", "--entrypoint", command[0], image, *args]
         _podman(
             "run", "-d", "--name", name,
             # podman's default limits exceed the hard limit and there is no CAP_SYS_RESOURCE
@@ -252,8 +261,7 @@ def exporter_image(image: str, shared_dir: Path) -> Iterator:
             "--read-only", "--security-opt", "no-new-privileges",
             "-v", f"{config}:/etc/bindscope/bindscope.yml:ro",
             "-v", "/run/netns:/run/netns:ro",
-            image, "--config.file=/etc/bindscope/bindscope.yml",
-            f"--web.listen-address=127.0.0.1:{port}",
+            *entry,
         )  # fmt: skip
         pid = int(_podman("inspect", "-f", "{{.State.Pid}}", name))
         return Running(name, port, pid)
@@ -298,7 +306,7 @@ def test_the_documented_run_grants_what_these_tests_grant() -> None:
 
 
 def test_every_feature_with_the_documented_capabilities(exporter_image, scene: Scene) -> None:
-    running = exporter_image("full", EVERY_FEATURE)
+    running = exporter_image("full", list(EVERY_FEATURE))
     m = _wait_scan(running, scene)
     assert m.get("bindscope_build_info", version=bindscope.__version__) == 1
     assert m.get("bindscope_scan_success") == 1
@@ -315,7 +323,7 @@ def test_every_feature_with_the_documented_capabilities(exporter_image, scene: S
 
 
 def test_runs_as_non_root_with_exactly_the_granted_capabilities(exporter_image, scene) -> None:
-    running = exporter_image("full", EVERY_FEATURE)
+    running = exporter_image("full", list(EVERY_FEATURE))
     _wait_scan(running, scene)
     status = running.status()
     assert status["Uid"].split() == [str(IMAGE_UID)] * 4
@@ -325,8 +333,23 @@ def test_runs_as_non_root_with_exactly_the_granted_capabilities(exporter_image, 
 
 
 def test_without_net_admin_the_verdict_is_unknown(exporter_image, scene: Scene) -> None:
-    running = exporter_image("attribution", ATTRIBUTION)
+    running = exporter_image("attribution", list(ATTRIBUTION))
     m = _wait_scan(running, scene)
     host = m.all("bindscope_listener_info", netns="host", port=str(scene.host_port))
     assert [s.labels["process"] for s in host] == [Scene.comm(scene.host)]
     assert _verdict(m, "host", scene.host_port) == "unknown"
+
+
+def test_daemonset_command_drops_to_non_root_in_the_image(exporter_image, scene: Scene) -> None:
+    # Kubernetes gives no ambient capabilities: the DaemonSet starts as uid 0 and setpriv
+    # (util-linux, in the image) drops to the image's user keeping attribution's two.
+    (ds,) = yaml.safe_load_all((REPO / "deploy/kubernetes/daemonset.yaml").read_text())
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    caps = container["securityContext"]["capabilities"]["add"]
+    running = exporter_image("daemonset", caps, [*container["command"], *container["args"]])
+    m = _wait_scan(running, scene)
+    status = running.status()
+    assert status["Uid"].split() == [str(IMAGE_UID)] * 4
+    assert int(status["CapEff"], 16) == sum(1 << bit for bit in ATTRIBUTION.values())
+    host = m.all("bindscope_listener_info", netns="host", port=str(scene.host_port))
+    assert [s.labels["process"] for s in host] == [Scene.comm(scene.host)]
