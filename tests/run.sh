@@ -20,6 +20,8 @@ if [ "$(id -u)" = 0 ]; then
     command -v kubectl >/dev/null || need+=(kubernetes-client)
     command -v systemd-analyze >/dev/null || need+=(systemd)
     command -v ufw >/dev/null || need+=(ufw)
+    command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+    command -v jsonnet >/dev/null || need+=(jsonnet)
     if [ ${#need[@]} -gt 0 ]; then
         echo "run.sh: installing from Debian: ${need[*]}"
         apt-get update -qq
