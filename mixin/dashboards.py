@@ -595,7 +595,7 @@ def host(c: DashboardsConfig) -> dict[str, Any]:
         _table(
             "Probe results",
             "TCP connects from this host to each service on each of its addresses: the "
-            "seed's telnet test. Traffic to the host's own address enters through lo, so "
+            "classic telnet test. Traffic to the host's own address enters through lo, so "
             "'accepts' does not prove a firewall lets other hosts in.",
             [
                 _target(f"bindscope_probe_success{{{VARS}}}", "A", table=True),

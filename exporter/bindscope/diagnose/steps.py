@@ -491,7 +491,7 @@ def step_firewall(case: Case) -> Finding | None:
                 else:
                     # for a loopback service the firewall is no suspect but a missing guard
                     verdict = (
-                        "ruled out, as the seed did"
+                        "ruled out as the cause"
                         if expose > Exposure.LOOPBACK
                         else "nothing but the bind keeps them out"
                     )
