@@ -82,7 +82,7 @@ class Daemon:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        # signals go to the main thread, which alone runs Python's handlers (web.py
+        # signals go to the main thread, which alone runs Python's handlers (web/server.py
         # says why); threads the scan starts inherit this mask
         signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
         while not self._stop.is_set():

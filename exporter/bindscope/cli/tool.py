@@ -1,7 +1,7 @@
 """`bindscope`, the operator's tool: scan, check-config, init and diagnose, printed for people.
 
 Every subcommand runs the exporter's own engine (Scanner: discover, judge, probe) once;
-this module only parses arguments and renders what the engine and diagnose.py return.
+this module only parses arguments and dispatches; cli/output.py and cli/document.py render.
 """
 
 from __future__ import annotations
