@@ -50,8 +50,11 @@ def parse_services(doc: Any) -> PeerServices:
     out = []
     for a in addresses:
         try:
-            out.append(str(ipaddress.ip_address(a)))  # also refuses a %zone
-        except (ValueError, TypeError):
+            # a %zone names an interface of the peer's, meaningless here
+            if not isinstance(a, str) or "%" in a:
+                raise ValueError
+            out.append(str(ipaddress.ip_address(a)))
+        except ValueError:
             raise InvalidAnswer(f"addresses: {str(a)[:60]!r} is not an IP address") from None
     return PeerServices(tuple(dict.fromkeys(out)), tuple(_service(s) for s in services))
 
