@@ -15,10 +15,10 @@ from typing import Any
 
 from mixin.rules import (
     EXPOSURE_RANKS,
+    LOOPBACK_ADDRESS_RE,
     PUBLISHED_PORT_LABELS,
     SERVICE_LABELS,
     STATUS_CODES,
-    LOOPBACK_ADDRESS_RE,
     exposure_rank_expr,
     peers_all_fail_expr,
     quote,
