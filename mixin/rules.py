@@ -128,11 +128,12 @@ def unreachable_expr(selector: str) -> str:
 def peers_all_fail_expr(selector: str) -> str:
     """Per service of the watched host (its `instance` is the watchers' `peer` label), 0
     when every peer's connect to it fails; a service no peer probes has no series."""
-    # aggregated before the relabel: two watchers' series differ only in `instance`
+    # aggregated before the relabel: two watchers' series differ only in `instance`;
+    # label_join copies the label with no `$1`, which Grafana would take for a variable
     return (
-        "label_replace(\n"
+        "label_join(\n"
         f"  max by (job, peer, service) (bindscope_peer_probe_success{sel(selector)}),\n"
-        '  "instance", "$1", "peer", "(.*)"\n'
+        '  "instance", "", "peer"\n'
         ") == 0"
     )
 
