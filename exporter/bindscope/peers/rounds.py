@@ -39,6 +39,7 @@ class Rounds:
         self._routable = routable
         self._targets = TargetList()
         self._errors: Counter[tuple[str, str]] = Counter()
+        self._up: dict[str, bool] = {}  # each peer's last state, to log only changes
 
     def run(self, config: PeersConfig, deadline: float) -> PeerRound:
         started, t0 = time.time(), time.monotonic()
@@ -55,6 +56,21 @@ class Rounds:
         for s in states:
             if s.error is not None:
                 self._count(s.peer, s.error, s.message)
+            if self._up.get(s.peer) is not s.up:
+                if s.up:
+                    log.info("peer answers", extra={"peer": s.peer})
+                else:
+                    reason = s.error.value if s.error else ""
+                    log.warning(
+                        "peer does not answer",
+                        extra={"peer": s.peer, "reason": reason, "err": s.message},
+                    )
+        # forget peers no longer configured: their series go, cardinality stays bounded
+        self._up = {s.peer: s.up for s in states}
+        kept = set(targets)
+        self._errors = Counter(
+            {k: n for k, n in self._errors.items() if k[0] in kept or k[1] == PeerError.FILE_SD.value}
+        )
         return PeerRound(started, time.monotonic() - t0, tuple(states), dict(self._errors))
 
     def _count(self, peer: str, reason: PeerError, message: str) -> None:
