@@ -68,8 +68,9 @@ class Rounds:
         # forget peers no longer configured: their series go, cardinality stays bounded
         self._up = {s.peer: s.up for s in states}
         kept = set(targets)
+        file_sd = PeerError.FILE_SD.value
         self._errors = Counter(
-            {k: n for k, n in self._errors.items() if k[0] in kept or k[1] == PeerError.FILE_SD.value}
+            {k: n for k, n in self._errors.items() if k[0] in kept or k[1] == file_sd}
         )
         return PeerRound(started, time.monotonic() - t0, tuple(states), dict(self._errors))
 
