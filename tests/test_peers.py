@@ -18,9 +18,10 @@ import bcrypt
 import pytest
 from conftest import free_port, wait_for
 from prometheus_client import CollectorRegistry
+from test_webconfig import PKI, pki  # noqa: F401  (the throwaway CA and certificates)
 
 from bindscope.collector.peers import PeerCollector
-from bindscope.config.load import BasicAuth, Config, PeersConfig
+from bindscope.config.load import BasicAuth, Config, PeersConfig, TLSConfig
 from bindscope.diagnose.remote import Attempt, HostView, Outcome, join
 from bindscope.model import (
     Exposure,
@@ -498,3 +499,32 @@ def test_api_needs_the_web_configs_credentials(exporter, tmp_path: Path):
     assert wait_for(lambda: get("/api/v1/services", True) == 200, what="api with credentials")
     assert get("/api/v1/services", False) == 401
     assert get("/api/v1/diagnose?target=22", False) == 401
+
+
+def test_https_peer_with_ca_and_basic_auth(exporter, pki: PKI, tmp_path: Path):  # noqa: F811
+    password = "s3cret"
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(
+        f"tls_server_config: {{cert_file: {pki.server_cert}, key_file: {pki.server_key}}}\n"
+        f"basic_auth_users:\n  prom: {hashed}\n"
+    )
+    exp = exporter(
+        "scan_interval: 1s\nprobe: {enabled: false}\n", [f"--web.config.file={web}"], ready=False
+    )
+    (tmp_path / "pw").write_text(password + "\n")
+    auth = BasicAuth("prom", str(tmp_path / "pw"))
+    target = f"127.0.0.1:{exp.port}"
+
+    def state(tls: TLSConfig, basic_auth: BasicAuth | None = auth) -> PeerState:
+        config = PeersConfig(
+            targets=(target,), scheme="https", tls_config=tls, basic_auth=basic_auth
+        )
+        rounds = Rounds(threading.Event(), routable=lambda a: False)
+        return rounds.run(config, time.monotonic() + 5).peers[0]
+
+    trusted = TLSConfig(ca_file=str(pki.ca))
+    assert wait_for(lambda: state(trusted).up, what="the https peer answers")
+    assert state(trusted, None).error is PeerError.HTTP_STATUS  # 401 without credentials
+    assert state(TLSConfig(ca_file=str(pki.dir / "other-ca.pem"))).error is PeerError.TLS
+    assert state(TLSConfig(insecure_skip_verify=True)).up
