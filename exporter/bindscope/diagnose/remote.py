@@ -340,7 +340,7 @@ def document(
     if host_doc is not None:
         host_lines = [f"{exporter_url}: {host_doc.get('subject', '')}: {host_doc.get('result')}"]
         host_lines += [
-            f"{f.get('title')}: " + "; ".join(str(x) for x in f.get("lines", []))
+            f"{f.get('title')}: " + "; ".join(str(x).strip() for x in f.get("lines", []))
             for f in host_doc.get("findings") or []
             if isinstance(f, dict) and f.get("problem")
         ]
