@@ -9,6 +9,7 @@ a request never starts one. docs/api.md documents the shapes.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ from bindscope.diagnose.case import TargetError, diagnosis_of, resolve_target
 from bindscope.diagnose.document import to_document
 from bindscope.judge import judge
 from bindscope.model import Firewall, Scope, Snapshot, Verdict
+
+log = logging.getLogger("bindscope.web")
 
 API_VERSION = 1  # bump only on an incompatible change of a shape
 MAX_TARGET = 128
@@ -79,7 +82,11 @@ class Api:
         snap = self._snapshot()
         if snap is None:
             return _error(503, "the first scan has not completed")
-        return handler(snap, query)
+        try:
+            return handler(snap, query)
+        except Exception:  # a bug in one diagnosis must answer, not drop the connection
+            log.exception("api request failed", extra={"path": path})
+            return _error(500, "internal error; the exporter's log has the details")
 
     def _services(self, snap: Snapshot, _query: dict[str, list[str]]) -> tuple[int, bytes]:
         return 200, _body(services_json(snap))
