@@ -16,10 +16,13 @@ from typing import Any
 from bindscope.model import Exposure, Status
 from mixin.rules import (
     EXPOSURE_RANKS,
+    LOOPBACK_ADDRESS_RE,
     PUBLISHED_PORT_LABELS,
     SERVICE_LABELS,
     STATUS_CODES,
     exposure_rank_expr,
+    peers_all_fail_expr,
+    quote,
     status_code_expr,
 )
 
@@ -294,6 +297,30 @@ def _published_ports_expr() -> str:
     )
 
 
+def _unreachable_from_peers_table(size: tuple[int, int]) -> dict[str, Any]:
+    # the watchers' series carry the watcher's instance: select them by job alone and
+    # let the watched host's own series pick the instances
+    inside = (
+        "max by (instance, job, service) (bindscope_probe_success{"
+        f"{VARS}, address!~{quote(LOOPBACK_ADDRESS_RE)}}}) == 1"
+    )
+    expr = (
+        f"bindscope_service_info{{{VARS}}}\n"
+        f"and on ({SERVICE_LABELS}) ({inside})\n"
+        f"and on ({SERVICE_LABELS}) (\n{peers_all_fail_expr('job=~' + quote('$job'))}\n)\n"
+        f"or on (instance, job) {_none_per_instance()}"
+    )
+    return _table(
+        "Reachable from inside, not from peers",
+        "Services the host's own probe reaches on a non-loopback address while every "
+        "connect from the bindscope peers watching the host fails: something between "
+        "the hosts (a security group, a router ACL, a hypervisor filter) drops them.",
+        [_target(expr, table=True)],
+        size,
+        [_only_positive(), _organize(hide=("Value",))],
+    )
+
+
 def _status_history(size: tuple[int, int]) -> dict[str, Any]:
     return _panel(
         "state-timeline",
@@ -487,6 +514,7 @@ def fleet(c: DashboardsConfig) -> dict[str, Any]:
         _unexpected_table((12, 8)),
         _status_history((24, 10)),
         _published_ports_table((12, 8)),
+        _unreachable_from_peers_table((12, 8)),
         _table(
             "Protected by the firewall alone",
             "Services bound wider than declared that only the firewall keeps within their "

@@ -41,6 +41,7 @@ class RulesConfig:
     wrong_process_for: str = "5m"
     process_unknown_for: str = "30m"
     unreachable_for: str = "5m"
+    unreachable_from_peers_for: str = "5m"
     blocked_for: str = "5m"
     unexpected_listener_for: str = "10m"
     published_port_loopback_only_for: str = "2m"
@@ -118,6 +119,28 @@ def unreachable_expr(selector: str) -> str:
         f"  (bindscope_service_status{sel(selector, 'status=' + quote('loopback_only'))} == 1)\n"
         f"and on ({SERVICE_LABELS})\n"
         f"  (max by ({SERVICE_LABELS}) (bindscope_probe_success{probes}) == 0)"
+    )
+
+
+def peers_all_fail_expr(selector: str) -> str:
+    """Per service of the watched host (its `instance` is the watchers' `peer` label), 0
+    when every peer's connect to it fails; a service no peer probes has no series."""
+    # aggregated before the relabel: two watchers' series differ only in `instance`;
+    # label_join copies the label with no `$1`, which Grafana would take for a variable
+    return (
+        "label_join(\n"
+        f"  max by (job, peer, service) (bindscope_peer_probe_success{sel(selector)}),\n"
+        '  "instance", "", "peer"\n'
+        ") == 0"
+    )
+
+
+def unreachable_from_peers_expr(selector: str) -> str:
+    ok = f"bindscope_service_status{sel(selector, 'status=' + quote('ok'))} == 1"
+    return (
+        f"bindscope_service_info{sel(selector)}\n"
+        f"and on ({SERVICE_LABELS}) ({ok})\n"
+        f"and on ({SERVICE_LABELS}) (\n{peers_all_fail_expr(selector)}\n)"
     )
 
 
@@ -266,6 +289,19 @@ def alerting_rules(c: RulesConfig) -> list[dict[str, Any]]:
             f"{_ON} listens on {_PORT}, but every TCP connect from the host to its own "
             "non-loopback addresses fails. Check the address it binds "
             "(`ss -ltn 'sport = :{{ $labels.port }}'`) and whether it accepts connections.",
+        ),
+        _alert(
+            c,
+            "BindscopeServiceUnreachableFromPeers",
+            unreachable_from_peers_expr(s),
+            c.unreachable_from_peers_for,
+            "critical",
+            "A service its host judges ok cannot be reached from the peers watching it.",
+            f"{_ON} is judged ok by its own host on {_PORT}, and its firewall lets other "
+            "hosts in, but every TCP connect from the bindscope peers watching it fails: "
+            "something between the hosts drops it. Check the cloud security group or network "
+            "ACL, router ACLs and hypervisor filters for port {{ $labels.port }}, then run "
+            "`bindscope diagnose HOST:{{ $labels.port }}` from a peer.",
         ),
         _alert(
             c,

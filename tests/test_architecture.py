@@ -23,6 +23,7 @@ RANKS = {
     "judge": 5,
     "probe": 6,
     "scan": 7,
+    "peers": 7,  # rounds beside the scan: probes other hosts' exporters
     "collector": 8,
     "diagnose": 8,
     "web": 9,
