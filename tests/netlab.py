@@ -107,9 +107,9 @@ class Lab:
             run("ip", "link", "add", a, "type", "veth", "peer", "name", b)
             run("ip", "link", "set", a, "netns", self.server)
             run("ip", "link", "set", b, "netns", client)
-            for ns, old, mine, peer, plen4, plen6 in (
-                (self.server, a, (s4, s6), (c4, c6), 25, 64),
-                (client, b, (c4, c6), (s4, s6), 25, 64),
+            for ns, old, mine, plen4, plen6 in (
+                (self.server, a, (s4, s6), 25, 64),
+                (client, b, (c4, c6), 25, 64),
             ):
                 self.exec(ns, "ip", "link", "set", "lo", "up")
                 self.exec(ns, "ip", "link", "set", old, "name", dev)

@@ -9,6 +9,7 @@ scan: per line, a JSON object {"config": YAML}; answers {"metrics": text}: one s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import selectors
@@ -41,10 +42,8 @@ def listen(spec: list[dict]) -> None:
                 if not sys.stdin.readline():
                     return
                 continue
-            try:
+            with contextlib.suppress(BlockingIOError):
                 key.fileobj.accept()[0].close()  # type: ignore[union-attr]
-            except BlockingIOError:
-                pass
 
 
 def probe(targets: list[list], timeout: float) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_binary, require_root
-from netlab import PROBE_TIMEOUT, Agent, Bind, Lab, Tally, compare, config_for, probe_all
+from netlab import PROBE_TIMEOUT, Bind, Lab, Tally, compare, config_for, probe_all
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 

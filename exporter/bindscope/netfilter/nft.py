@@ -62,9 +62,16 @@ def ruleset_from_nft(items: list[Any]) -> Ruleset:
                 type=c.get("type", ""),
                 prio=int(c.get("prio", 0)),
                 policy=c.get("policy", "accept"),
+                devices=_devices(c),
             )
         )
     return Ruleset(tuple(out), tuple(sets))
+
+
+def _devices(chain: dict) -> tuple[str, ...]:
+    # nft 1.0 writes one device as "dev": "eth0", several as "dev": ["eth0", "eth1"]
+    dev = chain.get("dev", ())
+    return (dev,) if isinstance(dev, str) else tuple(dev)
 
 
 def unwrap_elem(e: Any) -> Any:
