@@ -58,7 +58,9 @@ _ABSENT_HEADERS = {
     "igmp",
     "gre",
     "arp",
+    "rt",  # an IPv6 routing header: a plain TCP or UDP packet from a host has none
 }
+_REJECT_FAMILY = {"icmp": 4, "icmpv6": 6}
 _MAX_RUNS = 256  # bound on source-dependent branches per evaluation
 _MAX_STEPS = 100_000  # rules visited in one walk; nft itself forbids loops
 _HOOK_ORDER = {"ingress": 0, "prerouting": 1, "input": 2}
@@ -233,9 +235,11 @@ def _walk(ruleset: Ruleset, pkt: _Packet) -> _Outcome | _Fork:
     last_policy: _Outcome | None = None
     pending: _Outcome | None = None  # an unknown that a later definite drop overrides
     for chain in _base_chains(ruleset, pkt.family):
-        if chain.devices and pkt.iface is None:
+        if chain.hook == "ingress" and (not chain.devices or pkt.iface is None):
             result: _Outcome | _Fork = _Outcome(
-                Firewall.UNKNOWN, chain, reason="input interface not known"
+                Firewall.UNKNOWN,
+                chain,
+                reason="ingress chain: devices or input interface unknown",
             )
         elif chain.devices and pkt.iface not in chain.devices:
             continue  # an ingress chain sees its own devices' packets only
@@ -349,6 +353,12 @@ def _rule_effect(
                 if key != "xt"
                 else f"iptables extension {v.get('name')}: not modelled"
             )
+        elif (
+            key == "reject" and _REJECT_FAMILY.get((v or {}).get("type"), pkt.family) != pkt.family
+        ):
+            # nft keeps `reject with icmpv6` to IPv6 by an implicit `meta nfproto`, which
+            # its JSON does not show: the rule does not match the other family
+            return None
         elif key in ("accept", "drop", "reject", "return", "continue"):
             effect = ("drop" if key == "reject" else key, "")
         elif key in ("jump", "goto"):

@@ -168,6 +168,8 @@ def _translate_ipt(family: str, words: list[str], chains: set[str]) -> Iterator[
                 arg,
                 neg,
             )
+        elif (module, opt) == ("rt", "--rt-type"):
+            yield match({"payload": {"protocol": "rt", "field": "type"}}, arg, neg)
         elif (module, opt) == ("pkttype", "--pkt-type"):
             yield match({"meta": {"key": "pkttype"}}, arg, neg)
         else:
