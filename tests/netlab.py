@@ -178,13 +178,18 @@ class Lab:
             for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore"):
                 self._stdin(tool, EMPTY_LEGACY)
 
-    def _stdin(self, tool: str, text: str) -> None:
+    def _stdin(self, tool: str, text: str, *args: str) -> None:
         r = subprocess.run(
-            ["ip", "netns", "exec", self.server, tool],
+            ["ip", "netns", "exec", self.server, tool, *args],
             input=text, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         if r.returncode:
             raise RuntimeError(f"{tool}: {r.stderr.strip()}")
+
+    def load_text(self, text: str) -> None:
+        """An nft ruleset given as text, after emptying what the last one left."""
+        self.reset()
+        self._stdin("nft", text, "-f", "-")
 
     def load(self, path: Path, tmp: Path) -> None:
         """Loads one corpus entry by its kind, after emptying what the last one left."""
