@@ -159,6 +159,8 @@ class Socket:
     uid: int | None = None
     netns: str = HOST_NETNS
     container: str = ""
+    ifindex: int = 0  # the device it is bound to (SO_BINDTODEVICE, VRF); 0: none
+    device: str = ""  # that device's name in its namespace; "" when not bound
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class InterfaceAddress(NamedTuple):
     interface: str
     address: str  # no brackets, no zone
     family: int  # 4 or 6
+    index: int = 0  # the interface's index in its namespace
 
 
 @dataclass(frozen=True)

@@ -473,6 +473,7 @@ def step_firewall(case: Case) -> Finding | None:
     fixes: list[str] = []
     problem = False
     seen: set[tuple[str, str]] = set()
+    interfaces = tuple({a.interface for a in outside} - {"lo", ""})
     for lst in wide:
         v = _verdict_of(case, lst)
         expose = v.service.expose if v else Exposure.PRIVATE
@@ -482,7 +483,8 @@ def step_firewall(case: Case) -> Finding | None:
             if (proto, a.address) in seen:
                 continue
             seen.add((proto, a.address))
-            d = evaluate(ruleset, proto, a.family, a.address, case.port)
+            ifaces = (lst.socket.device,) if lst.socket.device else interfaces
+            d = evaluate(ruleset, proto, a.family, a.address, case.port, interfaces=ifaces)
             rule = deciding_rule(d)
             head = f"{proto} {a.address}:"
             if d.verdict is Firewall.ACCEPT:
