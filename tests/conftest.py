@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,10 +51,38 @@ def require_binary(*names: str) -> None:
             unavailable(f"needs the {name} binary (tests/run.sh installs it as root)")
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PICK = random.Random()  # its own stream: a test seeding `random` must not repeat ports
+
+
 def free_port(family: int = socket.AF_INET) -> int:
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that no socket holds on any address, IPv4 or IPv6.
+
+    Taken below the kernel's ephemeral range: a port the kernel hands to a socket bound
+    to port 0 (or to an outgoing connection) in another process could otherwise be taken
+    between this check and the test's own bind. `family` is kept for callers; the check
+    covers both.
+    """
+    high = _ephemeral_low() - 1
+    for _ in range(1000):
+        port = _PICK.randint(10000, high)
+        wildcard = ("::", port) if socket.has_ipv6 else ("0.0.0.0", port)
+        with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as s:
+            if socket.has_ipv6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                s.bind(wildcard)
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free TCP port below the ephemeral range")
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = ""):
