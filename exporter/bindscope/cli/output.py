@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from typing import TextIO
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
 
-from bindscope.diagnose.steps import Case, Diagnosis, probe_word
+from bindscope.diagnose.steps import probe_word
 from bindscope.model import (
     HOST_NETNS,
     Listener,
@@ -225,20 +225,24 @@ def scan_summary(snap: Snapshot) -> str:
     )
 
 
-def render_diagnosis(
-    d: Diagnosis, case: Case, paint: Paint, notes: Sequence[str] = ()
-) -> list[str]:
-    out = [paint(f"bindscope diagnose: {d.subject}", "bold")]
-    last = len(d.findings)
-    for n, f in enumerate(d.findings, 1):
+def render_diagnosis(doc: Mapping[str, Any], paint: Paint, notes: Sequence[str] = ()) -> list[str]:
+    """The diagnosis document (diagnose/document.py) as numbered steps for a terminal."""
+    out = [paint(f"bindscope diagnose: {doc['subject']}", "bold")]
+    for n, f in enumerate(doc["findings"], 1):
         out.append("")
-        out.append(paint(f"{n}. {f.title}", "bold"))
-        bullet = "- " if n == last and f.fixes else ""
-        out.extend(f"   {bullet}{line}" for line in f.lines)
-    statuses = ", ".join(dict.fromkeys(v.status.value for v in case.verdicts))
+        out.append(paint(f"{n}. {f['title']}", "bold"))
+        if f["step"] != "fixes" or not doc["fixes"]:
+            out.extend(f"   {line}" for line in f["lines"])
+            continue
+        for fix in doc["fixes"]:
+            out.append(f"   - {fix['summary']}")
+            out.extend(f"     $ {command}" for command in fix.get("commands", ()))
+    statuses = ", ".join(doc.get("statuses", ()))
     out.append("")
     out.extend(notes)
-    if d.problem:
+    if doc["result"] == "problem":
+        if statuses and set(doc.get("statuses", ())) == {Status.OK.value}:
+            statuses = "judged ok, but a step above found a problem"
         out.append(paint(f"Result: PROBLEM ({statuses})", "red"))
     else:
         out.append(paint(f"Result: ok ({statuses})", "green"))

@@ -22,6 +22,7 @@ from bindscope.cli.init import ephemeral_range, plan, render
 from bindscope.cli.output import Paint, render_diagnosis, render_scan, scan_notes
 from bindscope.config.load import Config, ConfigError, load_config
 from bindscope.diagnose.case import TargetError, build_case, culprits_of, resolve_target
+from bindscope.diagnose.document import to_document
 from bindscope.diagnose.steps import diagnose
 from bindscope.logs import setup as setup_logging
 from bindscope.model import (
@@ -88,6 +89,11 @@ def parser() -> argparse.ArgumentParser:
     )
     config_flag(diag)
     probe_flag(diag)
+    diag.add_argument(
+        "--json",
+        action="store_true",
+        help="the findings and fixes as a versioned document (docs/operator.md)",
+    )
     return p
 
 
@@ -196,8 +202,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     # read again, not taken from the scan: diagnose names the rule, the scan keeps verdicts
     case = dataclasses.replace(case, rulesets={HOST_NETNS: read_ruleset()})
     result = diagnose(case)
-    paint = Paint.for_stream(sys.stdout)
-    print("\n".join(render_diagnosis(result, case, paint, scan_notes(snap, paint))))
+    doc = to_document(result, args.target)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        paint = Paint.for_stream(sys.stdout)
+        print("\n".join(render_diagnosis(doc, paint, scan_notes(snap, paint))))
     return EXIT_PROBLEM if result.problem or not snap.success else EXIT_OK
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from bindscope.config.load import Config
 from bindscope.diagnose.programs import Culprit, read_source, recognize
+from bindscope.diagnose.settings import Files, locate, master
 from bindscope.diagnose.steps import Case, Diagnosis, diagnose
 from bindscope.judge import judge
 from bindscope.model import (
@@ -26,9 +27,12 @@ def culprits_of(listeners: Iterable[Listener], port_of_interest: int = 0) -> dic
         p = lst.process
         if p.pid is None or p.pid in found:
             continue
-        culprit = recognize(p, read_source(p), port_of_interest or lst.socket.port)
+        port = port_of_interest or lst.socket.port
+        culprit = recognize(p, read_source(p), port)
         if culprit is not None:
-            found[p.pid] = culprit
+            owner = master(p) if culprit.kind == "nginx" else p
+            settings = locate(culprit.kind, owner, port, Files.of(owner))
+            found[p.pid] = dataclasses.replace(culprit, settings=settings)
     return found
 
 
