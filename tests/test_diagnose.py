@@ -180,7 +180,7 @@ def test_python_entry(argv, expected):
         (Culprit("node", ""), "0.0.0.0", ['server.listen(5000, "0.0.0.0")']),
         (Culprit("redis", ""), "127.0.0.1", ["`bind 127.0.0.1 -::1` in redis.conf"]),
         (Culprit("mysql", ""), "127.0.0.1", ["`bind-address = 127.0.0.1`"]),
-        (Culprit("postgres", ""), "127.0.0.1", ["`listen_addresses = 'localhost'`"]),
+        (Culprit("postgres", ""), "127.0.0.1", ["`listen_addresses = '127.0.0.1,::1'`"]),
         (Culprit("memcached", ""), "127.0.0.1", ["`-l 127.0.0.1,::1`"]),
         (Culprit("mongod", ""), "127.0.0.1", ["`net.bindIp: 127.0.0.1`"]),
         (Culprit("elasticsearch", ""), "127.0.0.1", ["`network.host: 127.0.0.1`"]),

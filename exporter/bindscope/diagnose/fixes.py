@@ -97,10 +97,10 @@ def _command(d: Decision, protocol: str, port: int, allow: bool, family: int) ->
     )
 
 
-def _nft_new_chain(family: int, protocol: str, port: int) -> tuple[str, ...]:
-    """A table and input chain where the host has none for this family (nft add is a no-op
-    for what exists); its drop is final whatever other tables accept."""
-    fam = "ip6" if family == 6 else "ip"
+def _nft_new_chain(families: Sequence[int], protocol: str, port: int) -> tuple[str, ...]:
+    """A table and input chain where the host has none for these families (nft add is a
+    no-op for what exists); its drop is final whatever other tables accept."""
+    fam = "inet" if len(set(families)) > 1 else ("ip6" if families[0] == 6 else "ip")
     return (
         f"nft add table {fam} filter",
         f"nft 'add chain {fam} filter input {{ type filter hook input priority filter; }}'",
@@ -128,6 +128,7 @@ def firewall_fix(
     """The commands that open (allow) or close a port for every address family the socket
     takes, given the filter's decision for each family; None when none is needed."""
     commands: list[str] = []
+    unfiltered: list[int] = []  # families with no input chain to put the rule in
     wanted = Firewall.DROP if allow else Firewall.ACCEPT
     for family, d in decisions:
         if d.verdict is not wanted:
@@ -139,7 +140,9 @@ def firewall_fix(
         if cmd:
             commands.append(cmd)
         elif not allow:
-            commands += _nft_new_chain(family, protocol, port)
+            unfiltered.append(family)
+    if unfiltered:
+        commands += _nft_new_chain(unfiltered, protocol, port)
     commands = list(dict.fromkeys(commands))
     if not commands:
         return None
@@ -211,7 +214,9 @@ def _redis(c: Culprit, port: int, host: str) -> list[Fix]:
 
 
 def _postgres(c: Culprit, port: int, host: str) -> list[Fix]:
-    value = "*" if _wide(host) else ("localhost" if host == "127.0.0.1" else host)
+    # both loopbacks by address: "localhost" is only what /etc/hosts says (often IPv4 only);
+    # PostgreSQL starts on whichever of them it can bind
+    value = "*" if _wide(host) else ("127.0.0.1,::1" if host == "127.0.0.1" else host)
     new = f"listen_addresses = '{value}'"
     restart = "restart PostgreSQL" + (
         "" if host == "127.0.0.1" else " (and allow the clients in pg_hba.conf)"
