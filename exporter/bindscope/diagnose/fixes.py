@@ -154,9 +154,18 @@ def firewall_fix(
     else:
         summary = (
             f"keep other hosts out of {port}/{protocol} at the firewall ({families}; "
-            "loopback keeps working); make it permanent as the host keeps its rules"
+            f"loopback keeps working){_lasting(commands[0])}"
         )
     return Fix("firewall", summary, commands=tuple(commands))
+
+
+def _lasting(command: str) -> str:
+    """How the rule outlives a reboot, where the command alone does not make it last."""
+    if command.startswith("nft "):
+        return ": it lasts until reboot; keep it in /etc/nftables.conf"
+    if command.startswith(("iptables ", "ip6tables ")):
+        return ": it lasts until reboot; keep it with `netfilter-persistent save`"
+    return ""
 
 
 # --- the program's own setting ---
