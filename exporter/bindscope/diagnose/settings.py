@@ -63,8 +63,10 @@ class Files:
 
 
 def _words(process: ProcessInfo) -> list[str]:
-    # nginx and others rewrite their title into one string: split it again
-    return [w for a in process.cmdline for w in a.split()]
+    # nginx, sshd and others rewrite their title into one string: split it again
+    if len(process.cmdline) == 1:
+        return process.cmdline[0].split()
+    return list(process.cmdline)
 
 
 def option(words: list[str], *names: str) -> str:
