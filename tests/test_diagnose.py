@@ -458,7 +458,7 @@ def test_plan_names_skips_and_exposes():
     assert got == [
         ("port-53", 53, "udp", "private", "private"),
         ("flask", 5000, "tcp", "loopback", "loopback"),
-        ("redis", 6379, "tcp", "loopback", "private"),
+        ("redis-6379", 6379, "tcp", "loopback", "private"),
         ("redis-8000", 8000, "tcp", "loopback", "private"),
     ]
     assert entries[1].addresses == ("127.0.0.1", "::1")

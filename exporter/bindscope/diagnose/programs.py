@@ -105,6 +105,23 @@ _BY_NAME = {
 }
 # RabbitMQ's ports beside AMQP's: the distribution port is AMQP's + 20000 by default
 _RABBIT_PORTS = {5672: "AMQP", 5671: "AMQP over TLS", 15672: "management UI", 25672: DIST}
+# what a well-known port is for, in the name of one of a program's several: "rabbitmq-amqp"
+ROLES = {
+    22: "ssh",
+    53: "dns",
+    67: "dhcp",
+    80: "http",
+    123: "ntp",
+    323: "ntp-control",
+    443: "https",
+    1883: "mqtt",
+    4369: "epmd",
+    5671: "amqps",
+    5672: "amqp",
+    8883: "mqtts",
+    15672: "management",
+    25672: "dist",
+}
 # a Python entry point (python -m X, or the console script X) and the kind it means
 _PY_TOOLS = {
     "flask": "flask-cli",
