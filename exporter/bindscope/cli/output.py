@@ -77,6 +77,7 @@ def _process_text(listeners: Iterable[Listener]) -> str:
 
 
 def render_scan(snap: Snapshot, paint: Paint) -> list[str]:
+    """Services, other listeners and published ports; the caller adds scan_notes."""
     out: list[str] = []
     if snap.verdicts:
         rows = []
@@ -116,7 +117,7 @@ def render_scan(snap: Snapshot, paint: Paint) -> list[str]:
         out += published_table(snap.published, paint)
     out.append("")
     out.append(scan_summary(snap))
-    return out + scan_notes(snap, paint)
+    return out
 
 
 def _hostport(address: str, port: int) -> str:
@@ -145,17 +146,22 @@ def published_table(published: Sequence[Published], paint: Paint) -> list[str]:
     return table([*header, "PROBE"], rows, paint)
 
 
-def scan_notes(snap: Snapshot, paint: Paint) -> list[str]:
+def scan_notes(
+    snap: Snapshot, paint: Paint, details: Mapping[str, str] | None = None, root: bool = False
+) -> list[str]:
+    """The scan's failure and errors, each source with the first error it gave."""
     out = []
     if not snap.success:
         out.append(paint("The scan failed: what is shown above is incomplete.", "red"))
     if snap.errors:
-        errs = ", ".join(f"{k}={n}" for k, n in sorted(snap.errors.items()))
-        out.append(
-            paint(
-                f"Scan errors: {errs} (some need root or capabilities: docs/operator.md)", "yellow"
-            )
+        details = details or {}
+        errs = "; ".join(
+            f"{k}={n}" + (f": {details[k]}" if k in details else "")
+            for k, n in sorted(snap.errors.items())
         )
+        # as root, missing privileges are not the cause: the first error says what is
+        why = "docs/operator.md" if root else "some need root or capabilities: docs/operator.md"
+        out.append(paint(f"Scan errors: {errs} ({why})", "yellow"))
     return out
 
 
