@@ -218,7 +218,69 @@ MARIADB = Daemon(
     client_after=REFUSED,
 )
 
-DAEMONS = [REDIS, NGINX, POSTGRES, MARIADB]
+# --- memcached: `-l 0.0.0.0` in /etc/memcached.conf, started as Debian's unit does ---
+
+
+def memcached_setup(tmp: Path) -> None:
+    upper = tmp / "etc-upper"
+    upper.mkdir()
+    (tmp / "etc-work").mkdir()
+    conf = Path("/etc/memcached.conf").read_text()
+    conf = re.sub(r"(?m)^-l .*$", "-l 0.0.0.0", conf)  # the admin's change
+    # the pid file where the test keeps its state (the wrapper keeps it in the foreground)
+    conf = re.sub(r"(?m)^-P .*$", f"-P {tmp}/memcached.pid", conf)
+    (upper / "memcached.conf").write_text(conf)
+
+
+MEMCACHED_CONF = "/etc/memcached.conf"
+MEMCACHED = Daemon(
+    name="cache",
+    port=11211,
+    expose="loopback",
+    binary="memcached",
+    mounts=(),
+    setup=memcached_setup,
+    # /etc itself is an overlay on the copy: the file lies in /etc, not in a directory
+    # of its own that a bind mount could replace
+    command=lambda tmp: (
+        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp}/etc-upper,"
+        f"workdir={tmp}/etc-work /etc && "
+        f"exec /usr/share/memcached/scripts/systemd-memcached-wrapper {MEMCACHED_CONF}"
+    ),
+    wrong="overexposed",
+    file=MEMCACHED_CONF,
+    line=lambda tmp: _line_of(tmp / "etc-upper/memcached.conf", r"^-l "),
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+)
+
+
+# --- mosquitto: Debian's config, no listener (local only since 2.0), declared private ---
+
+
+def mosquitto_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/mosquitto", tmp / "etc/mosquitto", symlinks=True)
+    conf = tmp / "etc/mosquitto/mosquitto.conf"
+    _edit(conf, r"^pid_file .*$", "")  # it writes one as its own user: none is needed
+    _edit(conf, r"^persistence true$", "persistence false")
+    _edit(conf, r"^log_dest file .*$", "log_dest stderr")
+
+
+MOSQUITTO = Daemon(
+    name="mqtt",
+    port=1883,
+    expose="private",
+    binary="mosquitto",
+    mounts=("/etc/mosquitto",),
+    setup=mosquitto_setup,
+    command=lambda tmp: "mosquitto -c /etc/mosquitto/mosquitto.conf",
+    wrong="loopback_only",
+    file="/etc/mosquitto/mosquitto.conf",
+    line=lambda tmp: 0,  # no listener line: the fix adds one
+    client_after="ok",
+)
+
+DAEMONS = [REDIS, NGINX, POSTGRES, MARIADB, MEMCACHED, MOSQUITTO]
 
 
 class Running:
@@ -230,11 +292,12 @@ class Running:
         self.log = tmp / "daemon.log"
 
     def start(self) -> None:
-        mounts = " && ".join(
+        mounts = [
             f"mount --bind {shlex.quote(str(self.tmp) + m)} {shlex.quote(m)}"
             for m in self.daemon.mounts
-        )
-        script = f"{mounts} && exec {self.daemon.command(self.tmp).removeprefix('exec ')}"
+        ]
+        command = self.daemon.command(self.tmp)
+        script = " && ".join([*mounts, command if "exec " in command else f"exec {command}"])
         with open(self.log, "ab") as log:
             # sh, unshare and ip netns exec all exec: the pid is the daemon's own
             self.proc = subprocess.Popen(

@@ -311,11 +311,12 @@ def _nginx(c: Culprit, port: int, host: str) -> list[Fix]:
 
 
 def _directive(
-    c: Culprit, name: str, value: str, label: str, restart: str, fallback_file: str
+    c: Culprit, name: str, value: str, label: str, restart: str, fallback_file: str, host: str
 ) -> list[Fix]:
     new = f"{name} {value}"
+    where = "every address" if _wide(host) else host
     if c.settings:
-        return [_edit(s, new, f"make {label} listen on {value}", restart) for s in c.settings]
+        return [_edit(s, new, f"make {label} listen on {where}", restart) for s in c.settings]
     return [Fix("config", f"`{new}` in {fallback_file}, then {restart}", setting=new)]
 
 
@@ -362,6 +363,7 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
             "Apache",
             "`apachectl configtest` and restart Apache",
             "/etc/apache2/ports.conf",
+            host,
         )
     if kind == "haproxy":
         value = f":::{port} v4v6" if _wide(host) else h
@@ -372,6 +374,7 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
             "HAProxy",
             "reload HAProxy",
             "the frontend of /etc/haproxy/haproxy.cfg",
+            host,
         )
     if kind == "mosquitto":
         value = str(port) if _wide(host) else f"{port} {host}"
@@ -383,11 +386,18 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
             "restart mosquitto (a listener "
             "beyond loopback needs allow_anonymous or a password_file)",
             "/etc/mosquitto/conf.d/",
+            host,
         )
     if kind == "sshd":
         value = "0.0.0.0" if _wide(host) else host
         return _directive(
-            c, "ListenAddress", value, "sshd", "`sshd -t` and restart ssh", "/etc/ssh/sshd_config"
+            c,
+            "ListenAddress",
+            value,
+            "sshd",
+            "`sshd -t` and restart ssh",
+            "/etc/ssh/sshd_config",
+            host,
         )
     if kind == "epmd":
         value = "127.0.0.1,::1" if host == "127.0.0.1" else host
