@@ -263,3 +263,33 @@ def test_blocked_gathers_the_opening_command_instead_of_the_generic_hint():
     d = diagnose(c)
     assert d.problem
     assert [(f.kind, f.commands) for f in d.fixes] == [("firewall", ("ufw allow 9999/tcp",))]
+
+
+@pytest.mark.parametrize(
+    ("firewall", "effective", "reach", "said"),
+    [
+        (
+            Firewall.DROP,
+            Exposure.LOOPBACK,
+            "only this host",
+            "The firewall drops new connections from other hosts on every address",
+        ),
+        (
+            Firewall.ACCEPT,
+            Exposure.PRIVATE,
+            "hosts on its private networks",
+            "The firewall lets other hosts in",
+        ),
+        (None, Exposure.PRIVATE, "hosts on its private networks", "a firewall may still drop"),
+    ],
+    ids=["dropped", "accepted", "not-read"],
+)
+def test_the_meaning_step_agrees_with_the_firewall(firewall, effective, reach, said):
+    wide = listener("0.0.0.0", 5432)
+    wide = Listener(wide.socket, wide.process, wide.scope, wide.exposure, firewall=firewall)
+    spec = ServiceSpec(name="db", port=5432, expose=effective)
+    v = Verdict(spec, Status.OK, Exposure.PRIVATE, (wide,), effective=effective)
+    c = Case(5432, (v,), True, (wide,), HOSTS)
+    (meaning,) = [f for f in diagnose(c).findings if f.step == "meaning"]
+    assert f"A client can connect from {reach}" in meaning.lines[1]
+    assert said in meaning.lines[2]
