@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +281,69 @@ MOSQUITTO = Daemon(
     client_after="ok",
 )
 
-DAEMONS = [REDIS, NGINX, POSTGRES, MARIADB, MEMCACHED, MOSQUITTO]
+# --- HAProxy: a frontend bound to 127.0.0.1, declared private ---
+
+HAPROXY_FRONTEND = """
+frontend shop
+    bind 127.0.0.1:8080
+    http-request return status 200 content-type text/plain string ok
+"""
+
+
+def haproxy_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/haproxy", tmp / "etc/haproxy", symlinks=True)
+    conf = tmp / "etc/haproxy/haproxy.cfg"
+    # the parts that need the service's own directories and syslog
+    for line in (r"^\s*log /dev/log.*$", r"^\s*chroot .*$", r"^\s*stats socket .*$"):
+        _edit(conf, line, "")
+    conf.write_text(conf.read_text() + HAPROXY_FRONTEND)
+
+
+HAPROXY = Daemon(
+    name="shop",
+    port=8080,
+    expose="private",
+    binary="haproxy",
+    mounts=("/etc/haproxy",),
+    setup=haproxy_setup,
+    # as Debian's unit runs it: master and worker, in the foreground
+    command=lambda tmp: "haproxy -Ws -f /etc/haproxy/haproxy.cfg -db",
+    wrong="loopback_only",
+    file="/etc/haproxy/haproxy.cfg",
+    line=lambda tmp: _line_of(tmp / "etc/haproxy/haproxy.cfg", r"^\s*bind 127"),
+    client_after="ok",
+)
+
+
+# --- Apache: `Listen 127.0.0.1:80` in Debian's ports.conf, declared private ---
+
+
+def apache_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/apache2", tmp / "etc/apache2", symlinks=True)
+    _edit(tmp / "etc/apache2/ports.conf", r"^Listen 80$", "Listen 127.0.0.1:80")
+    envvars = tmp / "etc/apache2/envvars"
+    for name in ("PID_FILE", "RUN_DIR", "LOCK_DIR", "LOG_DIR"):
+        where = f"{tmp}/apache2.pid" if name == "PID_FILE" else f"{tmp}/{name.lower()}"
+        _edit(envvars, rf"^export APACHE_{name}=.*$", f"export APACHE_{name}={where}")
+    for d in ("run_dir", "lock_dir", "log_dir"):
+        (tmp / d).mkdir()
+
+
+APACHE = Daemon(
+    name="site",
+    port=80,
+    expose="private",
+    binary="apache2",
+    mounts=("/etc/apache2",),
+    setup=apache_setup,
+    command=lambda tmp: "apache2ctl -D FOREGROUND",
+    wrong="loopback_only",
+    file="/etc/apache2/ports.conf",
+    line=lambda tmp: _line_of(tmp / "etc/apache2/ports.conf", r"^Listen 127"),
+    client_after="ok",
+)
+
+DAEMONS = [REDIS, NGINX, POSTGRES, MARIADB, MEMCACHED, MOSQUITTO, HAPROXY, APACHE]
 
 
 class Running:
@@ -327,14 +390,27 @@ class Running:
     def stop(self) -> None:
         if self.proc is None:
             return
+        group = self.proc.pid
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+            os.killpg(group, signal.SIGTERM)
+        # until the whole group is gone: a master (apache2ctl's apache2) may outlive its
+        # starter while its children finish, and still hold the port
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self._alive(group):
+            self.proc.poll()
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        self.proc.wait(timeout=10)
         self.proc = None
+
+    @staticmethod
+    def _alive(group: int) -> bool:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def run_as_admin(self, command: str) -> subprocess.CompletedProcess:
         """A printed command, run where the admin's shell on that host would run it."""

@@ -31,6 +31,8 @@ if [ "$(id -u)" = 0 ]; then
     command -v mariadbd >/dev/null || daemons+=(mariadb-server)
     command -v memcached >/dev/null || daemons+=(memcached)
     command -v mosquitto >/dev/null || daemons+=(mosquitto)
+    command -v haproxy >/dev/null || daemons+=(haproxy)
+    command -v apache2 >/dev/null || daemons+=(apache2)
     if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ]; then
         apt-get update -qq
     fi
