@@ -298,7 +298,8 @@ def _nginx(c: Culprit, port: int, host: str) -> list[Fix]:
                 )
             )
             continue
-        fixes.append(_edit(s, new, "make nginx listen there", "`nginx -t` and reload nginx"))
+        where = "every address" if _wide(host) else host
+        fixes.append(_edit(s, new, f"make nginx listen on {where}", "`nginx -t` and reload nginx"))
     if fixes:
         return fixes
     return [
