@@ -130,10 +130,11 @@ def firewall_fix(
     commands: list[str] = []
     unfiltered: list[int] = []  # families with no input chain to put the rule in
     wanted = Firewall.DROP if allow else Firewall.ACCEPT
+    change = opening_command if allow else closing_command
     for family, d in decisions:
         if d.verdict is not wanted:
             continue
-        cmd = _command(d, protocol, port, allow, family)
+        cmd = change(d, protocol, port, family)
         if not cmd and not allow and _tool(ruleset) == "iptables":
             tool = "ip6tables" if family == 6 else "iptables"
             cmd = f"{tool} -I INPUT ! -i lo -p {protocol} --dport {port} -j DROP"
