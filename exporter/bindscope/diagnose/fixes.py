@@ -196,6 +196,9 @@ def _edit(s: Setting, new: str, summary: str, restart: str) -> Fix:
     elif s.section_line:
         text, where = new, f"{s.file}, after line {s.section_line}"
         cmd = _sed_after(s.file, s.section_line, new)
+    elif s.first:
+        text, where = new, f"{s.file}, as its first line"
+        cmd = f"sed -i {shlex.quote(f'1i {new}')} {shlex.quote(s.file)}"
     else:
         text, where = new, f"{s.file} (not set there now: the default applies)"
         cmd = _sed_line(s.file, 0, new)

@@ -28,6 +28,7 @@ class Setting:
     text: str  # the line as it is ("" when absent)
     value: str = ""  # the address part, for the fix to reason about
     section_line: int = 0  # an INI section header to add the setting under, when absent
+    first: bool = False  # when absent, add it as the first line (sshd: never inside a Match)
 
 
 @dataclass(frozen=True)
@@ -241,11 +242,13 @@ def mysql(files: Files, path: str, port: int) -> tuple[Setting, ...]:
         seen.add(p)
         for n, line in enumerate(_lines(files, p) or [], 1):
             text = _uncomment(line)
-            if text.startswith("!includedir"):
-                for q in files.listing(os.path.join(text.split(None, 1)[1], "*.cnf")):
+            directive, _, target = text.partition(" ")
+            target = target.strip()
+            if directive == "!includedir" and target:
+                for q in files.listing(os.path.join(target, "*.cnf")):
                     visit(q)
-            elif text.startswith("!include"):
-                visit(files.absolute(text.split(None, 1)[1], os.path.dirname(p)))
+            elif directive == "!include" and target:
+                visit(files.absolute(target, os.path.dirname(p)))
             elif text.startswith("["):
                 section = text.strip("[]").strip().lower()
                 if section in ("mysqld", "mariadb"):
@@ -350,7 +353,7 @@ def sshd(files: Files, path: str, port: int) -> tuple[Setting, ...]:
         port,
         lambda v: _host_port(v, port),
     )
-    return found or ((Setting(path, 0, ""),) if files.read(path) is not None else ())
+    return found or ((Setting(path, 0, "", first=True),) if files.read(path) is not None else ())
 
 
 def memcached(files: Files, path: str, process: ProcessInfo) -> tuple[Setting, ...]:

@@ -5,6 +5,7 @@ listeners, published ports and firewall verdicts of the latest scan."""
 from __future__ import annotations
 
 import html
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,6 +18,7 @@ from bindscope.model import HOST_NETNS, Listener, PublishedStatus, Snapshot, Sta
 from bindscope.netfilter.read import read_ruleset
 from bindscope.netfilter.ruleset import Ruleset
 
+log = logging.getLogger("bindscope.web")
 MAX_LISTENERS = 300  # rows of the listeners table
 RulesetReader = Callable[[], tuple[Ruleset | None, str]]
 
@@ -161,7 +163,8 @@ def _diagnoses(snap: Snapshot, read: RulesetReader) -> list[str]:
         name = v.service.name
         try:
             d = diagnosis_of(name, snap, config, probed=bool(v.probes), rulesets=rulesets)
-        except ValueError as e:  # a service the scan judged but diagnose cannot resolve
+        except Exception as e:  # one service's diagnosis never takes the page down
+            log.warning("landing page diagnosis failed", extra={"service": name, "error": str(e)})
             out.append(f"<p>{_e(name)}: cannot be diagnosed here: {_e(e)}</p>")
             continue
         out.append(render_document(to_document(d, name), f"diagnosis-{name}"))
