@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bindscope.model import Exposure, Status
 from mixin.rules import (
     EXPOSURE_RANKS,
+    LOOPBACK_ADDRESS_RE,
     PUBLISHED_PORT_LABELS,
     SERVICE_LABELS,
     STATUS_CODES,
     exposure_rank_expr,
+    peers_all_fail_expr,
+    quote,
     status_code_expr,
 )
 
@@ -29,16 +33,23 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Dashboards select by variables; the rules' job selector does not apply here.
 VARS = 'job=~"$job", instance=~"$instance"'
 
-_STATUS_COLORS = {
-    "ok": "green",
-    "process_unknown": "blue",
-    "wrong_process": "orange",
-    "blocked": "orange",
-    "not_listening": "yellow",
-    "loopback_only": "red",
-    "overexposed": "dark-red",
+STATUS_COLORS = {
+    Status.OK: "green",
+    Status.PROCESS_UNKNOWN: "blue",
+    Status.WRONG_PROCESS: "orange",
+    Status.BLOCKED: "orange",
+    Status.NOT_LISTENING: "yellow",
+    Status.LOOPBACK_ONLY: "red",
+    Status.OVEREXPOSED: "dark-red",
 }
-_EXPOSURE_COLORS = {"none": "text", "loopback": "green", "private": "blue", "public": "orange"}
+_STATUS_COLORS = {s.value: STATUS_COLORS[s] for s in sorted(Status, key=lambda s: s.severity)}
+EXPOSURE_COLORS = {
+    Exposure.NONE: "text",
+    Exposure.LOOPBACK: "green",
+    Exposure.PRIVATE: "blue",
+    Exposure.PUBLIC: "orange",
+}
+_EXPOSURE_COLORS = {e.value: EXPOSURE_COLORS[e] for e in Exposure}
 # Grafana's own interval variables, for running panel queries outside Grafana.
 GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
 
@@ -286,6 +297,30 @@ def _published_ports_expr() -> str:
     )
 
 
+def _unreachable_from_peers_table(size: tuple[int, int]) -> dict[str, Any]:
+    # the watchers' series carry the watcher's instance: select them by job alone and
+    # let the watched host's own series pick the instances
+    inside = (
+        "max by (instance, job, service) (bindscope_probe_success{"
+        f"{VARS}, address!~{quote(LOOPBACK_ADDRESS_RE)}}}) == 1"
+    )
+    expr = (
+        f"bindscope_service_info{{{VARS}}}\n"
+        f"and on ({SERVICE_LABELS}) ({inside})\n"
+        f"and on ({SERVICE_LABELS}) (\n{peers_all_fail_expr('job=~' + quote('$job'))}\n)\n"
+        f"or on (instance, job) {_none_per_instance()}"
+    )
+    return _table(
+        "Reachable from inside, not from peers",
+        "Services the host's own probe reaches on a non-loopback address while every "
+        "connect from the bindscope peers watching the host fails: something between "
+        "the hosts (a security group, a router ACL, a hypervisor filter) drops them.",
+        [_target(expr, table=True)],
+        size,
+        [_only_positive(), _organize(hide=("Value",))],
+    )
+
+
 def _status_history(size: tuple[int, int]) -> dict[str, Any]:
     return _panel(
         "state-timeline",
@@ -449,14 +484,14 @@ def fleet(c: DashboardsConfig) -> dict[str, Any]:
             "Loopback-only services",
             "Services declared private or public that listen on loopback only: clients on "
             "other hosts are refused (the app.run() default).",
-            [_target(_service_table_expr('status="loopback_only"'), table=True)],
+            [_target(_service_table_expr(f'status="{Status.LOOPBACK_ONLY.value}"'), table=True)],
             (12, 8),
             [_only_positive(), _organize(hide=("Value", "status"))],
         ),
         _table(
             "Over-exposed services",
             "Services reachable more widely than declared, after the firewall.",
-            [_target(_service_table_expr('status="overexposed"'), table=True)],
+            [_target(_service_table_expr(f'status="{Status.OVEREXPOSED.value}"'), table=True)],
             (12, 8),
             [_only_positive(), _organize(hide=("Value", "status"))],
         ),
@@ -464,7 +499,14 @@ def fleet(c: DashboardsConfig) -> dict[str, Any]:
             "Other failing services",
             "Services not listening, held by another process, blocked by the firewall, or "
             "whose process cannot be read.",
-            [_target(_service_table_expr('status!~"ok|loopback_only|overexposed"'), table=True)],
+            [
+                _target(
+                    _service_table_expr(
+                        f'status!~"{Status.OK.value}|{Status.LOOPBACK_ONLY.value}|{Status.OVEREXPOSED.value}"'
+                    ),
+                    table=True,
+                )
+            ],
             (12, 8),
             [_only_positive(), _organize(hide=("Value",))],
             overrides=[_column_mappings("status", _STATUS_COLORS)],
@@ -472,6 +514,7 @@ def fleet(c: DashboardsConfig) -> dict[str, Any]:
         _unexpected_table((12, 8)),
         _status_history((24, 10)),
         _published_ports_table((12, 8)),
+        _unreachable_from_peers_table((12, 8)),
         _table(
             "Protected by the firewall alone",
             "Services bound wider than declared that only the firewall keeps within their "
@@ -580,7 +623,7 @@ def host(c: DashboardsConfig) -> dict[str, Any]:
         _table(
             "Probe results",
             "TCP connects from this host to each service on each of its addresses: the "
-            "seed's telnet test. Traffic to the host's own address enters through lo, so "
+            "classic telnet test. Traffic to the host's own address enters through lo, so "
             "'accepts' does not prove a firewall lets other hosts in.",
             [
                 _target(f"bindscope_probe_success{{{VARS}}}", "A", table=True),

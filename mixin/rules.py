@@ -11,18 +11,14 @@ from typing import Any
 
 import yaml
 
-# Codes of the one-hot bindscope_service_status, worst last, so a state timeline can
-# colour them and `max` over a fleet picks the worst.
+from bindscope.model import Exposure, PublishedStatus, Status
+
+# Codes of the one-hot bindscope_service_status: the statuses' severity, worst last, so a
+# state timeline can colour them and `max` over a fleet picks the worst.
 STATUS_CODES: dict[str, int] = {
-    "ok": 0,
-    "process_unknown": 1,
-    "wrong_process": 2,
-    "blocked": 3,
-    "not_listening": 4,
-    "loopback_only": 5,
-    "overexposed": 6,
+    s.value: s.severity for s in sorted(Status, key=lambda s: s.severity)
 }
-EXPOSURE_RANKS: dict[str, int] = {"none": 0, "loopback": 1, "private": 2, "public": 3}
+EXPOSURE_RANKS: dict[str, int] = {e.value: e.rank for e in Exposure}
 
 # The host's own loopback addresses as the prober labels them (127.0.0.0/8, ::1 and the
 # IPv4-mapped form); every other probed address is one another host could use.
@@ -45,6 +41,7 @@ class RulesConfig:
     wrong_process_for: str = "5m"
     process_unknown_for: str = "30m"
     unreachable_for: str = "5m"
+    unreachable_from_peers_for: str = "5m"
     blocked_for: str = "5m"
     unexpected_listener_for: str = "10m"
     published_port_loopback_only_for: str = "2m"
@@ -93,20 +90,21 @@ def with_service_info(expr: str, selector: str) -> str:
     )
 
 
-def service_status_alert(selector: str, status: str) -> str:
+def service_status_alert(selector: str, status: Status) -> str:
     return with_service_info(
-        f"(bindscope_service_status{sel(selector, 'status=' + quote(status))} == 1)", selector
+        f"(bindscope_service_status{sel(selector, 'status=' + quote(status.value))} == 1)",
+        selector,
     )
 
 
-def published_port_status_alert(selector: str, status: str) -> str:
+def published_port_status_alert(selector: str, status: PublishedStatus) -> str:
     # One host port has a DNAT rule per family (IPv4 and IPv6 targets) but one target
     # port; topk keeps the join one-to-one even if rules disagree, because a
     # many-to-many error would silence the alert.
     info = f"bindscope_published_port_info{sel(selector)}"
     targets = f"max by ({PUBLISHED_PORT_LABELS}, target_port) ({info})"
     return (
-        f"(bindscope_published_port_status{sel(selector, 'status=' + quote(status))} == 1)\n"
+        f"(bindscope_published_port_status{sel(selector, 'status=' + quote(status.value))} == 1)\n"
         f"* on ({PUBLISHED_PORT_LABELS}) group_left (target_port)\n"
         f"  topk by ({PUBLISHED_PORT_LABELS}) (1, {targets})"
     )
@@ -121,6 +119,28 @@ def unreachable_expr(selector: str) -> str:
         f"  (bindscope_service_status{sel(selector, 'status=' + quote('loopback_only'))} == 1)\n"
         f"and on ({SERVICE_LABELS})\n"
         f"  (max by ({SERVICE_LABELS}) (bindscope_probe_success{probes}) == 0)"
+    )
+
+
+def peers_all_fail_expr(selector: str) -> str:
+    """Per service of the watched host (its `instance` is the watchers' `peer` label), 0
+    when every peer's connect to it fails; a service no peer probes has no series."""
+    # aggregated before the relabel: two watchers' series differ only in `instance`;
+    # label_join copies the label with no `$1`, which Grafana would take for a variable
+    return (
+        "label_join(\n"
+        f"  max by (job, peer, service) (bindscope_peer_probe_success{sel(selector)}),\n"
+        '  "instance", "", "peer"\n'
+        ") == 0"
+    )
+
+
+def unreachable_from_peers_expr(selector: str) -> str:
+    ok = f"bindscope_service_status{sel(selector, 'status=' + quote('ok'))} == 1"
+    return (
+        f"bindscope_service_info{sel(selector)}\n"
+        f"and on ({SERVICE_LABELS}) ({ok})\n"
+        f"and on ({SERVICE_LABELS}) (\n{peers_all_fail_expr(selector)}\n)"
     )
 
 
@@ -206,7 +226,7 @@ def alerting_rules(c: RulesConfig) -> list[dict[str, Any]]:
         _alert(
             c,
             "BindscopeServiceLoopbackOnly",
-            service_status_alert(s, "loopback_only"),
+            service_status_alert(s, Status.LOOPBACK_ONLY),
             c.loopback_only_for,
             "critical",
             "A service listens on loopback only; other hosts cannot connect.",
@@ -218,7 +238,7 @@ def alerting_rules(c: RulesConfig) -> list[dict[str, Any]]:
         _alert(
             c,
             "BindscopeServiceOverexposed",
-            service_status_alert(s, "overexposed"),
+            service_status_alert(s, Status.OVEREXPOSED),
             c.overexposed_for,
             "critical",
             "A service is reachable more widely than declared.",
@@ -230,7 +250,7 @@ def alerting_rules(c: RulesConfig) -> list[dict[str, Any]]:
         _alert(
             c,
             "BindscopeServiceNotListening",
-            service_status_alert(s, "not_listening"),
+            service_status_alert(s, Status.NOT_LISTENING),
             c.not_listening_for,
             "warning",
             "A declared service is not listening.",
@@ -240,7 +260,7 @@ def alerting_rules(c: RulesConfig) -> list[dict[str, Any]]:
         _alert(
             c,
             "BindscopeServiceWrongProcess",
-            service_status_alert(s, "wrong_process"),
+            service_status_alert(s, Status.WRONG_PROCESS),
             c.wrong_process_for,
             "warning",
             "A declared service's port is held by another process.",
@@ -251,7 +271,7 @@ def alerting_rules(c: RulesConfig) -> list[dict[str, Any]]:
         _alert(
             c,
             "BindscopeServiceProcessUnknown",
-            service_status_alert(s, "process_unknown"),
+            service_status_alert(s, Status.PROCESS_UNKNOWN),
             c.process_unknown_for,
             "info",
             "A service's owning process cannot be read, so its process is not checked.",
@@ -272,8 +292,21 @@ def alerting_rules(c: RulesConfig) -> list[dict[str, Any]]:
         ),
         _alert(
             c,
+            "BindscopeServiceUnreachableFromPeers",
+            unreachable_from_peers_expr(s),
+            c.unreachable_from_peers_for,
+            "critical",
+            "A service its host judges ok cannot be reached from the peers watching it.",
+            f"{_ON} is judged ok by its own host on {_PORT}, and its firewall lets other "
+            "hosts in, but every TCP connect from the bindscope peers watching it fails: "
+            "something between the hosts drops it. Check the cloud security group or network "
+            "ACL, router ACLs and hypervisor filters for port {{ $labels.port }}, then run "
+            "`bindscope diagnose HOST:{{ $labels.port }}` from a peer.",
+        ),
+        _alert(
+            c,
             "BindscopeServiceBlocked",
-            service_status_alert(s, "blocked"),
+            service_status_alert(s, Status.BLOCKED),
             c.blocked_for,
             "critical",
             "A service listens, but the firewall drops other hosts.",
@@ -297,7 +330,7 @@ def alerting_rules(c: RulesConfig) -> list[dict[str, Any]]:
         _alert(
             c,
             "BindscopePublishedPortLoopbackOnly",
-            published_port_status_alert(s, "loopback_only"),
+            published_port_status_alert(s, PublishedStatus.LOOPBACK_ONLY),
             c.published_port_loopback_only_for,
             "critical",
             "A published container port leads to an app listening on loopback only.",
@@ -311,7 +344,7 @@ def alerting_rules(c: RulesConfig) -> list[dict[str, Any]]:
         _alert(
             c,
             "BindscopePublishedPortNotListening",
-            published_port_status_alert(s, "not_listening"),
+            published_port_status_alert(s, PublishedStatus.NOT_LISTENING),
             c.published_port_not_listening_for,
             "warning",
             "A published container port leads nowhere.",

@@ -291,7 +291,7 @@ class TwoHosts:
         run("ip", "link", "del", self._veth + "s", check=False)
 
     def connect(self, address: str, port: int, timeout: float = 2.0) -> str:
-        """From the client namespace, like the seed's telnet: 'ok' or the error."""
+        """From the client namespace, as telnet does: 'ok' or the error."""
         code = (
             "import socket,sys\n"
             f"s=socket.create_connection(({address!r},{port}),timeout={timeout})\n"

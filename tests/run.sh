@@ -14,12 +14,15 @@ if [ "$(id -u)" = 0 ]; then
     command -v podman >/dev/null || need+=(podman)
     command -v runc >/dev/null || need+=(runc)
     command -v nft >/dev/null || need+=(nftables)
+    command -v sysctl >/dev/null || need+=(procps)
     command -v iptables >/dev/null || need+=(iptables)
     command -v setpriv >/dev/null || need+=(util-linux)
     command -v nsenter >/dev/null || need+=(util-linux)
     command -v kubectl >/dev/null || need+=(kubernetes-client)
     command -v systemd-analyze >/dev/null || need+=(systemd)
     command -v ufw >/dev/null || need+=(ufw)
+    command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+    command -v jsonnet >/dev/null || need+=(jsonnet)
     # the daemons whose fixes tests/test_daemons.py applies (each runs there as the test's
     # own process in a test namespace, never as the system's service), and the browser of
     # tests/test_landing.py

@@ -14,16 +14,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bindscope.config.load import (
+    BasicAuth,
     Config,
     ConfigError,
     ConfigIssue,
     IgnoreRule,
+    PeersConfig,
     ProbeConfig,
+    TLSConfig,
     UnexpectedConfig,
     default_config,
     load_config,
     parse_config,
     parse_duration,
+    split_target,
 )
 from bindscope.model import (
     HOST_NETNS,
@@ -66,6 +70,7 @@ INVALID = [
     ("bad_duration", True),
     ("bad_enum", True),
     ("bad_name", True),
+    ("bad_peers", True),
     ("custom_tag", True),  # yaml.safe_load fails on the unknown tag
     ("duplicate_key", SCHEMA_CANNOT),  # the loader keeps the last value
     ("duplicate_name", SCHEMA_CANNOT),  # uniqueness of a property across items
@@ -188,6 +193,43 @@ def test_every_key_is_parsed() -> None:
     assert by_name["api_v2.internal:grpc"].netns == "blue"
     assert by_name["dns"].netns is None and by_name["dns"].process is None
     assert by_name["flask-app"].container == re.compile("^shop-web(-[0-9]+)?$")
+    assert config.peers == PeersConfig(
+        targets=("198.51.100.1:9917", "[2001:db8::1]:9917", "db-1.example:9917"),
+        file_sd=("/etc/bindscope/peers.json", "/etc/bindscope/peers.d/*.yml"),
+        interval=30.0,
+        timeout=2.0,
+        scheme="https",
+        tls_config=TLSConfig(
+            ca_file="/etc/bindscope/ca.pem",
+            cert_file="/etc/bindscope/client.pem",
+            key_file="/etc/bindscope/client.key",
+            server_name="bindscope.example",
+        ),
+        basic_auth=BasicAuth("prom", "/etc/bindscope/peer-password"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("198.51.100.1:9917", ("198.51.100.1", 9917)),
+        ("[2001:db8::1]:9917", ("2001:db8::1", 9917)),
+        ("db-1.example:1", ("db-1.example", 1)),
+    ],
+    ids=["ipv4", "ipv6 in brackets", "host name"],
+)
+def test_split_target(text: str, expected: tuple[str, int]) -> None:
+    assert split_target(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["198.51.100.1", "2001:db8::1:9917", "[198.51.100.1]:9917", "a_b:9917", ":9917", "h:0"],
+    ids=["no port", "ipv6 without brackets", "ipv4 in brackets", "underscore", "no host", "port 0"],
+)
+def test_split_target_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        split_target(text)
 
 
 def test_default_config_is_the_dataclass_default() -> None:
@@ -381,6 +423,16 @@ KEYS = [
     "process",
     "netns",
     "container",
+    "peers",
+    "targets",
+    "file_sd",
+    "interval",
+    "scheme",
+    "tls_config",
+    "ca_file",
+    "basic_auth",
+    "username",
+    "password_file",
 ]
 WORDS = [
     *KEYS,

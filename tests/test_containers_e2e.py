@@ -165,7 +165,7 @@ def _listening(pid: int, address: str, port: int) -> bool:
 @pytest.fixture(scope="module")
 def apps(podman) -> SimpleNamespace:
     """Three containers publishing their port INSIDE on the host's loopback: the app on
-    127.0.0.1 (the seed's bug), the app on 0.0.0.0, and nothing listening."""
+    127.0.0.1 (the app.run() bug), the app on 0.0.0.0, and nothing listening."""
     inside = free_port()  # free on the host too: case 4 listens there with the same number
     server = ["python3", "-m", "http.server", "--bind"]
     made = {}
@@ -247,7 +247,7 @@ def _wait(exp, predicate, what: str) -> Metrics:
 
 
 def _connect(port: int) -> str:
-    """A client of the published port, like the seed's telnet: 'ok' or the error."""
+    """A client of the published port, as telnet does: 'ok' or the error."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=3).close()
     except OSError as e:

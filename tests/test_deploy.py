@@ -1,4 +1,4 @@
-"""Tests for the deploy files: systemd unit, Containerfile and Kubernetes manifests."""
+"""Tests for the deploy files: systemd units, Containerfile and Kubernetes manifests."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy/systemd/bindscope-exporter.service"
+SOCKET = ROOT / "deploy/systemd/bindscope-exporter.socket"
+SOCKET_DROPIN = ROOT / "deploy/systemd/bindscope-exporter.service.d/socket-activation.conf"
 EXAMPLE_CONFIG = ROOT / "deploy/systemd/bindscope.yml"
 CONTAINERFILE = ROOT / "Containerfile"
 KUBE = ROOT / "deploy/kubernetes"
@@ -102,24 +104,37 @@ def _systemd_analyze() -> str:
 
 
 def _unit_copy(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointing at an executable that exists here: verify checks it."""
+    """The units (service, socket, socket drop-in) in `tmp_path`, ExecStart pointing at an
+    executable that exists here: verify checks it. Returns the service's copy."""
     exe = Path(sys.executable).parent / "bindscope-exporter"
-    copy = tmp_path / UNIT.name
-    copy.write_text(
-        UNIT.read_text().replace(
-            "/usr/local/bin/bindscope-exporter", str(exe if exe.exists() else sys.executable)
+    for source in (UNIT, SOCKET, SOCKET_DROPIN):
+        copy = tmp_path / source.relative_to(UNIT.parent)
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_text(
+            source.read_text().replace(
+                "/usr/local/bin/bindscope-exporter", str(exe if exe.exists() else sys.executable)
+            )
         )
-    )
-    return copy
+    return tmp_path / UNIT.name
 
 
 _NO_SYSTEMD = re.compile(r"not been booted with systemd|Failed to connect to bus|No such file.*bus")
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "units",
+    [[UNIT.name], [SOCKET.name, UNIT.name]],
+    ids=["service", "socket_with_socket_activation_dropin"],
+)
+def test_units_pass_systemd_analyze_verify(tmp_path: Path, units: list[str]) -> None:
     tool = _systemd_analyze()
+    # verify reads the drop-in beside the copied service, so the second case checks the
+    # socket-activated service as systemd would load it.
+    _unit_copy(tmp_path)
+    if len(units) == 1:
+        (tmp_path / SOCKET_DROPIN.relative_to(UNIT.parent)).unlink()
     result = subprocess.run(
-        [tool, "verify", str(_unit_copy(tmp_path))],
+        [tool, "verify", *(str(tmp_path / u) for u in units)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -130,6 +145,34 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         pytest.skip(f"systemd-analyze cannot run here: {output.splitlines()[0]}")
     # verify reports unknown keys and bad values as warnings with exit code 0.
     assert (result.returncode, output) == (0, "")
+
+
+def _ini(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(path)
+    return parser
+
+
+def test_socket_listens_where_the_exporter_would() -> None:
+    socket_unit = _ini(SOCKET)["Socket"]
+    # the exporter's default --web.listen-address is :9917, every interface, both families
+    assert socket_unit["ListenStream"] == "9917"
+    assert socket_unit["BindIPv6Only"] == "both"
+    assert socket_unit["Accept"] == "no"
+    assert _ini(SOCKET)["Install"]["WantedBy"] == "sockets.target"
+
+
+def test_socket_activation_dropin_takes_the_socket() -> None:
+    # systemd starts the service named like the socket; the drop-in makes it use the socket
+    assert SOCKET_DROPIN.parent.name == UNIT.name + ".d"
+    assert SOCKET.stem == UNIT.stem
+    lines = [ln for ln in SOCKET_DROPIN.read_text().splitlines() if ln.startswith("ExecStart=")]
+    assert lines[0] == "ExecStart=", "the empty ExecStart= resets the unit's own"
+    (service_exec,) = _unit_values("ExecStart")
+    assert lines[1:] == [f"ExecStart={service_exec} --web.systemd-socket"]
+    dropin = _ini(SOCKET_DROPIN)["Unit"]
+    assert (dropin["Requires"], dropin["After"]) == (SOCKET.name, SOCKET.name)
 
 
 def test_unit_exposure_level_is_ok(tmp_path: Path) -> None:
@@ -148,15 +191,25 @@ def test_unit_exposure_level_is_ok(tmp_path: Path) -> None:
     assert float(found.group(1)) < 3.0, result.stdout
 
 
+def _containerfile_lines() -> list[str]:
+    """Instructions with their continuation lines joined, comments left out."""
+    joined, pending = [], ""
+    for line in CONTAINERFILE.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        pending += line.strip().removesuffix("\\").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            joined.append(pending.strip())
+            pending = ""
+    return joined
+
+
 def test_containerfile_structure() -> None:
-    lines = [
-        line.strip()
-        for line in CONTAINERFILE.read_text().splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    instructions = [line.split()[0] for line in lines if line.split()[0].isupper()]
-    assert instructions[0] == "FROM"
-    assert lines[0].split()[1].endswith("python:3.11-slim")
+    lines = _containerfile_lines()
+    instructions = [line.split()[0] for line in lines]
+    # the base is a build argument, so the image also builds from a local base
+    assert lines[0] == "ARG BASE=docker.io/library/debian:bookworm-slim"
+    assert instructions[1] == "FROM" and lines[1] == "FROM ${BASE}"
     user = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert len(user) == 1 and user[0].split(":")[0] not in ("0", "root")
     assert instructions.index("USER") > max(i for i, x in enumerate(instructions) if x == "RUN")
@@ -164,7 +217,16 @@ def test_containerfile_structure() -> None:
         "bindscope-exporter"
     ]
     assert "EXPOSE 9917" in lines
-    assert any(line.startswith("RUN pip install /src") for line in lines)
+
+
+def test_containerfile_installs_the_firewall_tools_before_the_code() -> None:
+    # Without nft and iptables-save every firewall verdict is "unknown"; installed before
+    # the code is copied, so the apt layer stays cached while the code changes.
+    lines = _containerfile_lines()
+    (apt,) = [i for i, line in enumerate(lines) if "apt-get install" in line]
+    assert {"nftables", "iptables", "python3", "python3-venv"} <= set(lines[apt].split())
+    assert apt < min(i for i, line in enumerate(lines) if line.startswith("COPY "))
+    assert any("/opt/bindscope/bin/pip install /src" in line for line in lines)
 
 
 def _documents(name: str) -> list[dict[str, Any]]:

@@ -104,7 +104,7 @@ def case(
             Status.OK,
             [
                 f"tcp {H4}: the firewall accepts new connections from other hosts on {H4}: "
-                "the firewall is ruled out (table inet filter, chain input, handle 15: "
+                "ruled out as the cause (table inet filter, chain input, handle 15: "
                 '`tcp dport 22 counter accept comment "ssh"`)'
             ],
             [],
@@ -174,7 +174,7 @@ def case(
             5000,
             Exposure.PRIVATE,
             Status.OK,
-            [f"{H4}: the firewall is ruled out (no packet filter on the input path)"],
+            [f"{H4}: ruled out as the cause (no packet filter on the input path)"],
             [],
         ),
     ],

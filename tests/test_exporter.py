@@ -79,7 +79,7 @@ def test_statuses_and_exposures_of_real_sockets(exporter, services):
         )
         == 1
     )
-    # the seed's telnet, on loopback: 127.0.0.1 answers, ::1 refuses
+    # telnet, on loopback: 127.0.0.1 answers, ::1 refuses
     assert m.get("bindscope_probe_success", service="web", address="127.0.0.1") == 1
     assert m.get("bindscope_probe_success", service="web", address="::1") == 0
     assert m.get("bindscope_probe_success", service="dual", address="127.0.0.1") == 1

@@ -18,6 +18,8 @@ from bindscope.netfilter.ruleset import Decision
 FIX = Path(__file__).parent / "fixtures" / "firewall"
 ACCEPT, DROP, UNKNOWN = Firewall.ACCEPT, Firewall.DROP, Firewall.UNKNOWN
 H4, H6 = "198.51.100.1", "2001:db8::1"
+# the interfaces the recorded rulesets name: the host they were written for has them
+IFACES = ("docker0", "eth0", "eth1")
 
 
 load = load_ruleset
@@ -102,7 +104,7 @@ IDS = [f"{c[0]}-{c[1]}{c[2]}-{c[4]}-{c[5].value}{'-restricted' if c[6] else ''}"
     ("name", "proto", "family", "daddr", "port", "verdict", "restricted", "text"), CASES, ids=IDS
 )
 def test_evaluate(name, proto, family, daddr, port, verdict, restricted, text):
-    d = evaluate(load(name), proto, family, daddr, port)
+    d = evaluate(load(name), proto, family, daddr, port, interfaces=IFACES)
     assert (d.verdict, d.restricted) == (verdict, restricted), d
     assert text in d.rule + " | " + d.reason, d
     if verdict is UNKNOWN:
@@ -253,7 +255,7 @@ def test_read_failure_is_an_error_string(answer, error):
     ],
 )
 def test_commands(name, proto, port, opening, closing):
-    d = evaluate(load(name), proto, 4, H4, port)
+    d = evaluate(load(name), proto, 4, H4, port, interfaces=IFACES)
     assert opening_command(d, proto, port) == opening
     assert closing_command(d, proto, port) == closing
 

@@ -275,10 +275,10 @@ def decisions(name: str, port: int) -> list[tuple[int, Decision]]:
         ("ufw", 5000, ("ufw insert 1 deny 5000/tcp",)),
         (
             "iptables_nft",
-            5000,
+            22,
             (
-                "iptables -I SERVICES ! -i lo -p tcp --dport 5000 -j DROP",
-                "ip6tables -I INPUT ! -i lo -p tcp --dport 5000 -j DROP",
+                "iptables -I INPUT ! -i lo -p tcp --dport 22 -j DROP",
+                "ip6tables -I INPUT ! -i lo -p tcp --dport 22 -j DROP",
             ),
         ),
     ],

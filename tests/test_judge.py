@@ -219,7 +219,7 @@ def inside(address, port=8080, v6only=None):
         (published(), [inside("127.0.0.1"), inside("203.0.113.2")], PublishedStatus.OK),
     ],
     ids=[
-        "app.run() inside: loopback only (the seed's bug behind -p)",
+        "app.run() inside: loopback only (the Flask bug behind -p)",
         "0.0.0.0 inside",
         "dual-stack wildcard inside takes the IPv4 target",
         "v6only wildcard does not take the IPv4 target",

@@ -218,7 +218,7 @@ def test_sockets_opened_inside_stay_in_the_namespace(named_netns):
 
 @pytest.mark.root
 def test_addresses_in_namespace_are_the_namespaces_own(named_netns):
-    assert sorted(addresses_in_namespace(f"/run/netns/{named_netns}")) == [
+    assert sorted(a[:3] for a in addresses_in_namespace(f"/run/netns/{named_netns}")) == [
         ("lo", "127.0.0.1", 4),
         ("lo", "::1", 6),
     ]

@@ -366,7 +366,7 @@ def test_diagnose_udp_and_nothing_listening(tmp_path: Path, listen):
 
 @pytest.mark.root
 def test_diagnose_in_a_namespace_matches_what_another_host_sees(two_hosts, tmp_path: Path):
-    """The seed, whole: app.run() on the server; the client's connect fails as diagnosed."""
+    """The Flask case, whole: app.run() on the server; the client's connect fails as diagnosed."""
     port = 5000
     (tmp_path / "app.py").write_text(
         f"from flask import Flask\napp = Flask(__name__)\napp.run(port={port})\n"

@@ -1,6 +1,6 @@
-"""The seed's failure reproduced from a second host (issue 4), with two network namespaces.
+"""The Flask app.run() failure reproduced from a second host, with two network namespaces.
 
-The exporter runs in namespace "server". Namespace "client" plays the seed's third host:
+The exporter runs in namespace "server". Namespace "client" plays another host:
 it scrapes the exporter and connects to the services itself, so each case compares what
 the exporter claims with what another host really gets.
 """
@@ -23,7 +23,7 @@ SCAN_INTERVAL = 0.5
 PROBE_TIMEOUT = 0.5
 EXPORTER_PORT = 9917
 FLASK_APP = Path(__file__).parent / "fixtures" / "flask_app.py"
-FLASK_PORT = 5000  # Flask's default: app.run() with no arguments, as the seed ran it
+FLASK_PORT = 5000  # Flask's default: app.run() with no arguments
 S4, S6 = TwoHosts.SERVER4, TwoHosts.SERVER6
 REFUSED = "ConnectionRefusedError: [Errno 111] Connection refused"
 TIMED_OUT = "TimeoutError: timed out"

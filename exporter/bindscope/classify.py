@@ -26,6 +26,8 @@ def scope_of(address: str) -> Scope:
         return Scope.WILDCARD
     if ip.is_loopback:
         return Scope.LOOPBACK
+    if ip.is_multicast:
+        return _multicast_scope(ip)
     if ip.is_link_local:
         return Scope.LINK_LOCAL
     # is_global is False for RFC 1918, ULA, CGNAT and the documentation ranges alike:
@@ -33,6 +35,27 @@ def scope_of(address: str) -> Scope:
     if ip.is_global:
         return Scope.PUBLIC
     return Scope.PRIVATE
+
+
+# IPv4 groups by the scope routers keep them in: 224.0.0.0/24 never leaves the link
+# (RFC 5771), 239.0.0.0/8 stays inside the organisation (RFC 2365)
+_V4_GROUPS = (
+    (ipaddress.ip_network("224.0.0.0/24"), Scope.LINK_LOCAL),
+    (ipaddress.ip_network("239.0.0.0/8"), Scope.PRIVATE),
+)
+
+
+def _multicast_scope(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Scope:
+    """A group's reach: a datagram to it travels no further than its scope."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        for net, scope in _V4_GROUPS:
+            if ip in net:
+                return scope
+        return Scope.PUBLIC
+    scope = ip.packed[1] & 0x0F  # RFC 4291: ff0S::, S the scope
+    if scope <= 2:  # interface- and link-local
+        return Scope.LINK_LOCAL
+    return Scope.PUBLIC if scope == 0x0E else Scope.PRIVATE
 
 
 def host_address(interface: str, address: str, family: int) -> HostAddress:
@@ -59,7 +82,7 @@ def exposure_of(sock: Socket, addresses: Iterable[HostAddress]) -> Exposure:
         return _SCOPE_EXPOSURE[scope]
     families = accepted_families(sock)
     widest = Exposure.LOOPBACK  # a wildcard always takes loopback
-    for a in addresses:
+    for a in _on_device(sock, addresses):
         if a.family in families:
             widest = max(widest, _SCOPE_EXPOSURE[a.scope])
     return widest
@@ -68,11 +91,20 @@ def exposure_of(sock: Socket, addresses: Iterable[HostAddress]) -> Exposure:
 def reachable_addresses(sock: Socket, addresses: Iterable[HostAddress]) -> list[HostAddress]:
     """The namespace's addresses on which the socket accepts connections."""
     scope = scope_of(sock.address)
+    addresses = _on_device(sock, addresses)
     if scope is Scope.WILDCARD:
         families = accepted_families(sock)
         return [a for a in addresses if a.family in families]
     target = _canonical(sock.address)
     return [a for a in addresses if _canonical(a.address) == target]
+
+
+def _on_device(sock: Socket, addresses: Iterable[HostAddress]) -> list[HostAddress]:
+    """The addresses a socket can be reached on: a socket bound to a device takes only
+    packets arriving on it, so only that device's addresses."""
+    if not sock.device:
+        return list(addresses)
+    return [a for a in addresses if a.interface == sock.device]
 
 
 @lru_cache(maxsize=4096)

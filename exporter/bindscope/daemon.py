@@ -2,7 +2,8 @@
 
 A background thread scans on a timer and swaps in the rendered exposition of each
 completed scan, plain and gzipped; scrapes read that one reference and never wait for a
-scan nor compress it again.
+scan nor compress it again. Peers, when configured, are watched by a thread of their own
+in the same way.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from prometheus_client import (
     generate_latest,
 )
 
+from bindscope.collector.peers import render as render_peers
 from bindscope.collector.runtime import ReloadState, RuntimeCollector
 from bindscope.collector.snapshot import render
 from bindscope.config.load import Config, ConfigError, load_config
-from bindscope.model import Snapshot
+from bindscope.model import PeerRound, Snapshot
+from bindscope.peers.watcher import PeerWatcher
 from bindscope.scan import Scanner
 from bindscope.web.server import MAIN_THREAD_SIGNALS
 
@@ -55,6 +58,9 @@ class Daemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._peers = PeerWatcher(
+            lambda: self._config.peers, render_peers, signals=frozenset(MAIN_THREAD_SIGNALS)
+        )
         self._runtime = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self._runtime)
         PlatformCollector(registry=self._runtime)
@@ -71,18 +77,24 @@ class Daemon:
     def snapshot(self) -> Snapshot | None:
         return self._snapshot
 
+    @property
+    def peer_round(self) -> PeerRound | None:
+        return self._peers.latest
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="scan", daemon=True)
         self._thread.start()
+        self._peers.start()
 
     def stop(self, timeout: float = 1.5) -> None:
         self._stop.set()
         self._wake.set()
+        self._peers.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        # signals go to the main thread, which alone runs Python's handlers (web.py
+        # signals go to the main thread, which alone runs Python's handlers (web/server.py
         # says why); threads the scan starts inherit this mask
         signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
         while not self._stop.is_set():
@@ -124,6 +136,7 @@ class Daemon:
             finally:
                 self._reload_depth -= 1
         self._wake.set()  # judge the new config now rather than at the next tick
+        self._peers.wake()
         return ok, message
 
     def _load(self) -> tuple[bool, str]:
@@ -149,15 +162,17 @@ class Daemon:
     def ready(self) -> bool:
         return self._snapshot is not None
 
-    def metrics(self, compressed: bool = False) -> tuple[bytes, bytes]:
-        """The exposition in two parts: the last scan's, and the runtime state.
+    def metrics(self, compressed: bool = False) -> tuple[bytes, bytes, bytes]:
+        """The exposition in three parts: the last scan's, the last peer round's, and the
+        runtime state.
 
         Sent one after the other, never joined: no copy of the body per scrape. Gzipped,
         each part is a gzip member, and consecutive members are one valid gzip stream.
         """
         plain, zipped = self._body
         runtime, runtime_zipped = self._runtime_exposition()
-        return (zipped, runtime_zipped) if compressed else (plain, runtime)
+        peers = self._peers.exposition(compressed)
+        return (zipped, peers, runtime_zipped) if compressed else (plain, peers, runtime)
 
     def _runtime_exposition(self) -> tuple[bytes, bytes]:
         """The runtime part, plain and gzipped, made at most once a second (and after

@@ -159,6 +159,8 @@ class Socket:
     uid: int | None = None
     netns: str = HOST_NETNS
     container: str = ""
+    ifindex: int = 0  # the device it is bound to (SO_BINDTODEVICE, VRF); 0: none
+    device: str = ""  # that device's name in its namespace; "" when not bound
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class InterfaceAddress(NamedTuple):
     interface: str
     address: str  # no brackets, no zone
     family: int  # 4 or 6
+    index: int = 0  # the interface's index in its namespace
 
 
 @dataclass(frozen=True)
@@ -321,3 +324,50 @@ class Snapshot:
     published: tuple[Published, ...] = ()
     namespaces: dict[str, int] = field(default_factory=dict)  # kind -> count
     backend: str = ""
+
+
+class PeerError(enum.Enum):
+    """Why a peer's round failed or was cut short: the `reason` of bindscope_peer_errors_total."""
+
+    UNREACHABLE = "unreachable"  # no connection to its API (refused, no route, DNS)
+    TIMEOUT = "timeout"  # connect, answer or round deadline passed
+    TLS = "tls"  # handshake or certificate check failed
+    HTTP_STATUS = "http_status"  # answered, but not 200 (401 when credentials are wrong)
+    TOO_LARGE = "too_large"  # the answer exceeds the size limit
+    INVALID = "invalid"  # not the documented JSON shape
+    CREDENTIALS = "credentials"  # this host's password or TLS files cannot be read
+    TOO_MANY_PROBES = "too_many_probes"  # more services x addresses than a round probes
+    FILE_SD = "file_sd"  # a file_sd file cannot be read or parsed (peer: the file)
+
+
+@dataclass(frozen=True)
+class PeerProbe:
+    """A TCP connect from this host to one declared service of a peer, on one address."""
+
+    service: str
+    port: int
+    address: str
+    success: bool
+    duration: float
+    error: str = ""  # errno name or "timeout"; never a label
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """One peer after one round: did its API answer, and what our connects to it gave."""
+
+    peer: str  # the target as configured, host:port
+    up: bool
+    error: PeerError | None = None
+    message: str = ""  # for the log; never a label
+    probes: tuple[PeerProbe, ...] = ()
+
+
+@dataclass(frozen=True)
+class PeerRound:
+    """One completed round over every peer; the collector renders it, scrapes never wait."""
+
+    timestamp: float
+    duration: float
+    peers: tuple[PeerState, ...]
+    errors: dict[tuple[str, str], int] = field(default_factory=dict)  # (peer, reason), cumulative

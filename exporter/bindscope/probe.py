@@ -37,7 +37,9 @@ def _sockaddr(target: Target) -> tuple[int, tuple]:
     return family, sockaddr
 
 
-def probe_all(targets: Sequence[Target], timeout: float) -> dict[Target, ProbeResult]:
+def probe_all(
+    targets: Sequence[Target], timeout: float, max_in_flight: int = MAX_IN_FLIGHT
+) -> dict[Target, ProbeResult]:
     """Connect to every target; the whole call returns within about `timeout` seconds."""
     results: dict[Target, ProbeResult] = {}
     pending = list(dict.fromkeys(targets))
@@ -54,7 +56,7 @@ def probe_all(targets: Sequence[Target], timeout: float) -> dict[Target, ProbeRe
 
     try:
         while pending or started:
-            while pending and len(started) < MAX_IN_FLIGHT:
+            while pending and len(started) < max_in_flight:
                 target = pending.pop()
                 t0 = time.monotonic()
                 try:

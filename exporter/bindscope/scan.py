@@ -63,21 +63,29 @@ class _Decisions:
         ruleset: Ruleset | None,
         previous: _Decisions | None,
         error: Callable[[ErrorSource, str], None],
+        interfaces: tuple[str, ...],
     ) -> None:
         self.ruleset = ruleset
         self._error = error
-        self._old = previous._new if previous and previous.ruleset is ruleset else {}
-        self._new: dict[tuple[str, int, str, int], Firewall] = {}
+        self._interfaces = interfaces
+        self._old = (
+            previous._new
+            if previous and previous.ruleset is ruleset and previous._interfaces == interfaces
+            else {}
+        )
+        self._new: dict[tuple[str, int, str, int, tuple[str, ...]], Firewall] = {}
 
     def decide(self, sock: Socket, address: HostAddress) -> Firewall:
-        key = (sock.protocol.value, address.family, address.address, sock.port)
+        # a socket bound to a device takes packets that arrive on that device only
+        ifaces = (sock.device,) if sock.device else self._interfaces
+        key = (sock.protocol.value, address.family, address.address, sock.port, ifaces)
         verdict = self._new.get(key) or self._old.get(key)
         if verdict is None:
             if self.ruleset is None:
                 verdict = Firewall.UNKNOWN
             else:
                 try:
-                    d = evaluate(self.ruleset, key[0], key[1], key[2], key[3])
+                    d = evaluate(self.ruleset, *key[:4], interfaces=ifaces)
                     verdict = d.verdict
                 except Exception as e:  # a rule shape the evaluator chokes on: say unknown
                     self._error(ErrorSource.FIREWALL, f"evaluating {key}: {type(e).__name__}: {e}")
@@ -100,7 +108,11 @@ class _Netfilter:
 
     def decisions(self, view: NamespaceView) -> _Decisions:
         state = self._get(view.label, view.path)
-        decisions = _Decisions(state.ruleset, self._decisions.get(view.label), self._error)
+        # the namespace's own interfaces: the ones another host's packet can arrive on
+        interfaces = tuple(sorted({a.interface for a in view.interfaces or ()} - {"lo"}))
+        decisions = _Decisions(
+            state.ruleset, self._decisions.get(view.label), self._error, interfaces
+        )
         self._decisions[view.label] = decisions
         return decisions
 

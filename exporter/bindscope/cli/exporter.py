@@ -108,6 +108,7 @@ def exporter_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from bindscope.daemon import Daemon
     from bindscope.scan import Scanner
+    from bindscope.web.api import Api
     from bindscope.web.landing import render_landing
     from bindscope.web.server import (
         Endpoints,
@@ -157,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reload=daemon.reload,
         telemetry_path=args.telemetry_path,
         enable_lifecycle=args.lifecycle,
+        api=Api(lambda: daemon.snapshot, lambda: daemon.config),
     )
     servers: list[Server] = []
     try:

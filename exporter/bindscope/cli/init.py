@@ -14,7 +14,7 @@ from bindscope.diagnose.programs import ROLES, Culprit, recognize
 from bindscope.model import HOST_NETNS, Exposure, Listener, Protocol
 
 DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default net.ipv4.ip_local_port_range
-# kinds whose loopback bind is often a deployment bug rather than the intent
+# kinds whose loopback bind is often the `app.run()` default rather than the intent
 _DEV_SERVERS = {
     "flask",
     "flask-cli",

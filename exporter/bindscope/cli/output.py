@@ -36,11 +36,20 @@ class Paint:
         return f"\x1b[{self.CODES[style]}m{text}\x1b[0m"
 
 
-STATUS_STYLE = {Status.OK: "green", Status.PROCESS_UNKNOWN: "yellow"}
+# every status spelled out: a new one must be given a colour here (a test checks)
+STATUS_STYLE = {
+    Status.OK: "green",
+    Status.PROCESS_UNKNOWN: "yellow",
+    Status.WRONG_PROCESS: "red",
+    Status.BLOCKED: "red",
+    Status.NOT_LISTENING: "red",
+    Status.LOOPBACK_ONLY: "red",
+    Status.OVEREXPOSED: "red",
+}
 
 
 def status_style(status: Status) -> str:
-    return STATUS_STYLE.get(status, "red")
+    return STATUS_STYLE[status]
 
 
 Cell = tuple[str, str]  # text, style

@@ -1,7 +1,7 @@
 """`bindscope`, the operator's tool: scan, check-config, init and diagnose, printed for people.
 
 Every subcommand runs the exporter's own engine (Scanner: discover, judge, probe) once;
-this module only parses arguments and renders what the engine and diagnose.py return.
+this module only parses arguments and dispatches; cli/output.py and cli/document.py render.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from bindscope.cli.common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, Parser, load
 from bindscope.cli.document import scan_ok, snapshot_json
 from bindscope.cli.init import ephemeral_range, plan, render
 from bindscope.cli.output import Paint, render_diagnosis, render_scan, scan_notes
-from bindscope.config.load import Config, ConfigError, load_config
+from bindscope.config.load import Config, ConfigError, load_config, split_target
 from bindscope.diagnose.case import TargetError, build_case, culprits_of, resolve_target
 from bindscope.diagnose.document import to_document
+from bindscope.diagnose.remote import ExporterAccess, default_exporter_url, diagnose_remote
+from bindscope.diagnose.remote import render as render_remote
 from bindscope.diagnose.steps import diagnose
 from bindscope.logs import setup as setup_logging
 from bindscope.model import (
@@ -87,14 +89,41 @@ def parser() -> argparse.ArgumentParser:
 
     diag = sub.add_parser("diagnose", help="why can (or can't) another host reach this port?")
     diag.add_argument(
-        "target", metavar="PORT|SERVICE", help="a port number or a service name from the config"
+        "target",
+        metavar="PORT|SERVICE|HOST:PORT",
+        help="a port number or a service name from the config; or HOST:PORT to connect "
+        "from here and join the outcome with HOST's exporter's diagnosis",
     )
     config_flag(diag)
     probe_flag(diag)
     diag.add_argument(
-        "--json",
-        action="store_true",
-        help="the findings and fixes as a versioned document (docs/operator.md)",
+        "--json", action="store_true", help="the diagnosis as a versioned JSON document"
+    )
+    diag.add_argument(
+        "--exporter",
+        dest="exporter_url",
+        default=None,
+        metavar="URL",
+        help="with HOST:PORT: HOST's bindscope exporter (default http://HOST:9917)",
+    )
+    diag.add_argument("--exporter.username", dest="exporter_username", default=None)
+    diag.add_argument(
+        "--exporter.password-file",
+        dest="exporter_password_file",
+        default=None,
+        help="file holding the exporter's basic auth password",
+    )
+    diag.add_argument(
+        "--exporter.ca-file",
+        dest="exporter_ca_file",
+        default=None,
+        help="CA certificate to check an https exporter's certificate",
+    )
+    diag.add_argument(
+        "--timeout",
+        type=float,
+        default=2.0,
+        help="with HOST:PORT: seconds for the connect and for each step of asking the exporter",
     )
     return p
 
@@ -216,6 +245,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config_file)
     if config is None:
         return EXIT_USAGE
+    if not any(s.name == args.target for s in config.services) and ":" in args.target:
+        return cmd_diagnose_remote(args)
     try:
         port, specs, declared = resolve_target(args.target, config)
     except TargetError as e:
@@ -239,6 +270,29 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         paint = Paint.for_stream(sys.stdout)
         print("\n".join(render_diagnosis(doc, paint, notes(snap, paint))))
     return EXIT_PROBLEM if result.problem or not snap.success else EXIT_OK
+
+
+def cmd_diagnose_remote(args: argparse.Namespace) -> int:
+    try:
+        host, port = split_target(args.target)
+    except ValueError as e:
+        print(f"bindscope diagnose: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not 0 < args.timeout <= 60:
+        print("bindscope diagnose: error: --timeout must be in (0, 60]", file=sys.stderr)
+        return EXIT_USAGE
+    access = ExporterAccess(
+        args.exporter_url or default_exporter_url(host),
+        args.exporter_username,
+        args.exporter_password_file,
+        args.exporter_ca_file,
+    )
+    doc = diagnose_remote(host, port, access, args.timeout)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print("\n".join(render_remote(doc)))
+    return EXIT_PROBLEM if doc["result"] == "problem" else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ _ZONE_RE = re.compile(r"[^%/\s]+")  # an interface name or index
 # Far beyond any useful value, and far below what a thread can sleep (threading.TIMEOUT_MAX).
 MAX_SCAN_INTERVAL = 86_400.0
 MAX_PROBE_TIMEOUT = 60.0
+# A peer is a bindscope exporter: an IP address or a DNS name, and a port.
+_HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\.?")
+MAX_PEERS = 1000  # targets from the config and every file_sd file together
 
 _YAML_TAG = "tag:yaml.org,2002:"
 _TAG_NAMES = {
@@ -105,11 +108,42 @@ class UnexpectedConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """How this host checks a peer's certificate and proves its own (exporter-toolkit names)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str
+    password_file: str  # read at each round, so a rotated password applies at once
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    """Other bindscope exporters this host fetches and probes."""
+
+    targets: tuple[str, ...] = ()  # host:port, as Prometheus names the instance
+    file_sd: tuple[str, ...] = ()  # Prometheus file_sd files (a * in the file name globs)
+    interval: float = 60.0
+    timeout: float = 1.0
+    scheme: str = "http"
+    tls_config: TLSConfig = TLSConfig()
+    basic_auth: BasicAuth | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     scan_interval: float = 15.0
     probe: ProbeConfig = ProbeConfig()
     unexpected: UnexpectedConfig = UnexpectedConfig()
     services: tuple[ServiceSpec, ...] = ()
+    peers: PeersConfig | None = None  # None: no peers watched
     source: str = DEFAULT_SOURCE
 
 
@@ -336,6 +370,7 @@ class _Walker:
             "probe": _SECTION,
             "unexpected": _SECTION,
             "services": _SECTION,
+            "peers": _SECTION,
         }
         if not isinstance(root, MappingNode):
             self.issue(root, "", f"expected a mapping at the top level, got {_describe(root)}")
@@ -350,7 +385,97 @@ class _Walker:
             config = dataclasses.replace(config, unexpected=self.unexpected(got["unexpected"][0]))
         if "services" in got and not _is_null(got["services"][0]):
             config = dataclasses.replace(config, services=self.services(got["services"][0]))
+        if "peers" in got and not _is_null(got["peers"][0]):
+            config = dataclasses.replace(config, peers=self.peers(got["peers"][0]))
         return config
+
+    def peers(self, node: Node) -> PeersConfig | None:
+        fields = {
+            "targets": _SECTION,
+            "file_sd": _SECTION,
+            "interval": _Field(_duration_field(MAX_SCAN_INTERVAL, "1d")),
+            "timeout": _Field(_duration_field(MAX_PROBE_TIMEOUT, "1m")),
+            "scheme": _Field(lambda n: _choice(n, ["http", "https"])),
+            "tls_config": _SECTION,
+            "basic_auth": _SECTION,
+        }
+        before = len(self.issues)
+        got = self.mapping(node, "peers", fields)
+        if got is None:
+            return None
+        kwargs: dict[str, Any] = {
+            k: v for k, (_, v) in got.items() if v is not None and fields[k].parse is not None
+        }
+        if "targets" in got:
+            kwargs["targets"] = self.peer_targets(got["targets"][0])
+        if "file_sd" in got:
+            kwargs["file_sd"] = self.file_sd(got["file_sd"][0])
+        if "tls_config" in got:
+            kwargs["tls_config"] = self.tls_config(got["tls_config"][0])
+        if "basic_auth" in got:
+            kwargs["basic_auth"] = self.basic_auth(got["basic_auth"][0])
+        peers = PeersConfig(**kwargs)
+        if not peers.targets and not peers.file_sd and len(self.issues) == before:
+            self.issue(node, "peers", "peers needs targets or file_sd (or leave peers out)")
+        if "timeout" in got and "interval" in got and peers.timeout > peers.interval:
+            self.issue(
+                got["timeout"][0], "peers.timeout", "a round's timeout must not exceed its interval"
+            )
+        if "tls_config" in got and peers.scheme != "https":
+            self.issue(got["tls_config"][0], "peers.tls_config", 'tls_config needs scheme "https"')
+        return peers if len(self.issues) == before else None
+
+    def peer_targets(self, node: Node) -> tuple[str, ...]:
+        first_at: dict[str, int] = {}
+
+        def target(child: Node, path: str) -> str | None:
+            text = self.value(child, path, _peer_target)
+            if text is None:
+                return None
+            if text in first_at:
+                self.issue(child, path, f"duplicate target {text} (first at line {first_at[text]})")
+                return None
+            first_at[text] = child.start_mark.line + 1
+            return text
+
+        targets = tuple(self.sequence(node, "peers.targets", target))
+        if len(targets) > MAX_PEERS:
+            self.issue(node, "peers.targets", f"{len(targets)} targets; at most {MAX_PEERS}")
+        return targets
+
+    def file_sd(self, node: Node) -> tuple[str, ...]:
+        if _scalar_kind(node) == "str":
+            paths = [self.value(node, "peers.file_sd", _path)]
+        else:
+            paths = self.sequence(
+                node, "peers.file_sd", lambda child, path: self.value(child, path, _path)
+            )
+        return tuple(p for p in paths if p is not None)
+
+    def tls_config(self, node: Node) -> TLSConfig:
+        fields = {
+            "ca_file": _Field(_path),
+            "cert_file": _Field(_path),
+            "key_file": _Field(_path),
+            "server_name": _Field(_string),
+            "insecure_skip_verify": _Field(_boolean),
+        }
+        got = self.mapping(node, "peers.tls_config", fields) or {}
+        if ("cert_file" in got) != ("key_file" in got):
+            missing = "key_file" if "cert_file" in got else "cert_file"
+            msg = f"cert_file and key_file go together: add {missing}"
+            self.issue(node, "peers.tls_config", msg)
+        return TLSConfig(**{k: v for k, (_, v) in got.items() if v is not None})
+
+    def basic_auth(self, node: Node) -> BasicAuth | None:
+        fields = {
+            "username": _Field(_string, required=True),
+            "password_file": _Field(_path, required=True),
+        }
+        got = self.mapping(node, "peers.basic_auth", fields)
+        if got is None or len(got) < 2 or any(v is None for _, v in got.values()):
+            return None
+        return BasicAuth(**{k: v for k, (_, v) in got.items()})
 
     def probe(self, node: Node) -> ProbeConfig:
         fields = {
@@ -554,6 +679,43 @@ def _service_name(node: Node) -> str:
         )
     if text == RESERVED_SERVICE_NAME:
         raise _Invalid(f'"{text}" is reserved for the exporter\'s own listener')
+    return text
+
+
+def _path(node: Node) -> str:
+    text = _string(node)
+    if not text:
+        raise _Invalid("expected a file path, got an empty string")
+    return text
+
+
+def split_target(text: str) -> tuple[str, int]:
+    """`198.51.100.1:9917`, `[2001:db8::1]:9917`, `host.example:9917` -> (host, port).
+
+    The host comes back without brackets; ValueError says what is wrong.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or len(port_text) > 5 or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{_quote(text)} is not HOST:PORT (a port is 1-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{_quote(text)}: {_quote(host)} is not an IPv6 address") from None
+        return host[1:-1], int(port_text)
+    if ":" in host:
+        raise ValueError(f"{_quote(text)}: write IPv6 addresses in brackets, [2001:db8::1]:9917")
+    if not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(f"{_quote(text)}: {_quote(host)} is neither an IP address nor a host name")
+    return host, int(port_text)
+
+
+def _peer_target(node: Node) -> str:
+    text = _string(node)
+    try:
+        split_target(text)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
     return text
 
 

@@ -513,6 +513,7 @@ def step_firewall(case: Case) -> Finding | None:
     fixes: list[Fix] = []
     problem = False
     seen: set[tuple[str, str]] = set()
+    interfaces = tuple({a.interface for a in outside} - {"lo", ""})
     # per protocol: the service it belongs to and one decision per address family
     families: dict[str, tuple[Verdict | None, dict[int, Decision]]] = {}
     for lst in wide:
@@ -524,7 +525,8 @@ def step_firewall(case: Case) -> Finding | None:
             if (proto, a.address) in seen:
                 continue
             seen.add((proto, a.address))
-            d = evaluate(ruleset, proto, a.family, a.address, case.port)
+            ifaces = (lst.socket.device,) if lst.socket.device else interfaces
+            d = evaluate(ruleset, proto, a.family, a.address, case.port, interfaces=ifaces)
             per_family.setdefault(a.family, d)
             rule = deciding_rule(d)
             head = f"{proto} {a.address}:"
@@ -534,7 +536,7 @@ def step_firewall(case: Case) -> Finding | None:
                 else:
                     # for a loopback service the firewall is no suspect but a missing guard
                     verdict = (
-                        "the firewall is ruled out"
+                        "ruled out as the cause"
                         if expose > Exposure.LOOPBACK
                         else "nothing but the bind keeps them out"
                     )

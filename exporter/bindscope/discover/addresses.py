@@ -15,8 +15,12 @@ def interface_addresses() -> list[InterfaceAddress]:
     """(interface, address, family) for every IP address; IPv6 zones stripped."""
     found = []
     for ifname, addrs in psutil.net_if_addrs().items():
+        try:
+            index = socket.if_nametoindex(ifname)
+        except OSError:  # gone since it was listed
+            continue
         for a in addrs:
             family = _FAMILIES.get(a.family)
             if family is not None:
-                found.append(InterfaceAddress(ifname, a.address.split("%", 1)[0], family))
+                found.append(InterfaceAddress(ifname, a.address.split("%", 1)[0], family, index))
     return found

@@ -9,11 +9,12 @@ either the namespace is skipped. Every failure is counted, none is fatal.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from bindscope.discover import netlink, psutil_backend
@@ -53,6 +54,18 @@ class NamespaceView:
     interfaces: tuple[InterfaceAddress, ...] | None  # None: could not be read
     # pids psutil attributed sockets to (psutil backend only): (proto, addr, port) -> pid
     pids: dict[tuple[str, str, int], int] | None = None
+
+
+def with_devices(
+    sockets: Iterable[Socket], addresses: Iterable[InterfaceAddress] | None
+) -> Iterator[Socket]:
+    """The sockets, each bound to a device named after it in its namespace."""
+    names = {a.index: a.interface for a in addresses or ()}
+    for s in sockets:
+        if s.ifindex and not s.device:
+            # a device without addresses: no name known, and none of its addresses to count
+            s = dataclasses.replace(s, device=names.get(s.ifindex, f"#{s.ifindex}"))
+        yield s
 
 
 class Inventory:
@@ -121,7 +134,7 @@ class Inventory:
             NamespaceKind.HOST.value,
             "/proc/self/ns/net",
             "",
-            tuple(sockets),
+            tuple(with_devices(sockets, addresses)),
             addresses,
             pids,
         )
@@ -152,18 +165,10 @@ class Inventory:
             ns.path,
             container,
             tuple(
-                Socket(
-                    s.protocol,
-                    s.address,
-                    s.port,
-                    s.family,
-                    s.v6only,
-                    s.inode,
-                    s.uid,
-                    netns=ns.label,
-                    container=container,
+                with_devices(
+                    (dataclasses.replace(s, netns=ns.label, container=container) for s in sockets),
+                    addresses,
                 )
-                for s in sockets
             ),
             addresses,
         )

@@ -233,8 +233,8 @@ def in_namespace(path: str, fn: Callable[[], T]) -> T:
     return value
 
 
-def addresses_in_namespace(path: str) -> list[tuple[str, str, int]]:
-    """(interface, address, family 4|6) of the namespace's interfaces (getifaddrs opens
+def addresses_in_namespace(path: str) -> list[tuple[str, str, int, int]]:
+    """(interface, address, family 4|6, index) of the namespace's interfaces (getifaddrs opens
     its own netlink socket, so it answers for the namespace its thread is in)."""
     return in_namespace(path, interface_addresses)
 

@@ -160,7 +160,7 @@ def _parse(data: bytes, start: int, end: int, protocol: Protocol, netns: str) ->
         _dport,
         src,
         _dst,
-        _ifindex,
+        ifindex,
         _cookie,
         _expires,
         _rq,
@@ -195,4 +195,5 @@ def _parse(data: bytes, start: int, end: int, protocol: Protocol, netns: str) ->
         inode=inode,
         uid=uid,
         netns=netns,
+        ifindex=ifindex,
     )

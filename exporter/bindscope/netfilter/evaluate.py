@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,9 @@ _ABSENT_HEADERS = {
     "igmp",
     "gre",
     "arp",
+    "rt",  # an IPv6 routing header: a plain TCP or UDP packet from a host has none
 }
+_REJECT_FAMILY = {"icmp": 4, "icmpv6": 6}
 _MAX_RUNS = 256  # bound on source-dependent branches per evaluation
 _MAX_STEPS = 100_000  # rules visited in one walk; nft itself forbids loops
 _HOOK_ORDER = {"ingress": 0, "prerouting": 1, "input": 2}
@@ -100,7 +103,7 @@ class _Packet:
     protocol: str
     daddr: int
     dport: int
-    iface: str
+    iface: str | None  # None: not known, and a rule that asks is unknown
     saddrs: Intervals  # the sources still possible on this branch
     sports: Intervals
 
@@ -135,26 +138,36 @@ def evaluate(
     daddr: str,
     dport: int,
     from_loopback: bool = False,
+    interfaces: Sequence[str] | None = None,
 ) -> Decision:
     """Is a NEW `protocol` connection to daddr:dport accepted?
 
-    From another host (through an interface other than lo, from any address that is
-    not loopback) unless from_loopback. daddr is taken to be one of the host's own
-    addresses. ACCEPT when at least one source or interface gets in (`restricted`
-    then says that others do not).
+    From another host (through one of `interfaces`, the namespace's own besides lo,
+    from any address that is not loopback) unless from_loopback. daddr is taken to be
+    one of the host's own addresses. ACCEPT when at least one source or interface gets
+    in (`restricted` then says that others do not). interfaces None: not known, so a
+    rule or chain that depends on the input interface makes the answer UNKNOWN.
     """
     if ruleset is None:
         return Decision(Firewall.UNKNOWN, reason="the ruleset could not be read")
     addr = int(ipaddress.ip_address(daddr))
     if from_loopback:
-        starts = [_Packet(family, protocol, addr, dport, "lo", ((addr, addr),), ((1, 65535),))]
+        starts = deque(
+            [_Packet(family, protocol, addr, dport, "lo", ((addr, addr),), ((1, 65535),))]
+        )
     else:
         bits = 32 if family == 4 else 128
         sources = _iv_minus(((0, 2**bits - 1),), _iv_norm(_net(n) for n in _NOT_SOURCES[family]))
-        starts = [
+        # only the interfaces the namespace has: another host's packet arrives on one of them
+        ifaces: list[str | None] = (
+            [None] if interfaces is None else sorted(set(interfaces) - {"lo"})
+        )
+        if not ifaces:
+            return Decision(Firewall.DROP, rule="no interface besides lo")
+        starts = deque(
             _Packet(family, protocol, addr, dport, iface, sources, ((1, 65535),))
-            for iface in ruleset._ifaces
-        ]
+            for iface in ifaces
+        )
     outcomes: list[_Outcome] = []
     runs = 0
     while starts:
@@ -163,9 +176,9 @@ def evaluate(
             return Decision(
                 Firewall.UNKNOWN, reason=f"more than {_MAX_RUNS} source-dependent paths"
             )
-        result = _walk(ruleset, starts.pop())
+        result = _walk(ruleset, starts.popleft())
         if isinstance(result, _Fork):
-            starts.extend(result.branches)
+            starts.extendleft(reversed(result.branches))  # depth first: interfaces in order
         else:
             outcomes.append(result)
     return _decide(ruleset, outcomes)
@@ -222,7 +235,16 @@ def _walk(ruleset: Ruleset, pkt: _Packet) -> _Outcome | _Fork:
     last_policy: _Outcome | None = None
     pending: _Outcome | None = None  # an unknown that a later definite drop overrides
     for chain in _base_chains(ruleset, pkt.family):
-        result = _run_chain(ruleset, chain, pkt)
+        if chain.hook == "ingress" and (not chain.devices or pkt.iface is None):
+            result: _Outcome | _Fork = _Outcome(
+                Firewall.UNKNOWN,
+                chain,
+                reason="ingress chain: devices or input interface unknown",
+            )
+        elif chain.devices and pkt.iface not in chain.devices:
+            continue  # an ingress chain sees its own devices' packets only
+        else:
+            result = _run_chain(ruleset, chain, pkt)
         if isinstance(result, _Fork):
             return result
         if result.verdict is Firewall.DROP:
@@ -331,6 +353,12 @@ def _rule_effect(
                 if key != "xt"
                 else f"iptables extension {v.get('name')}: not modelled"
             )
+        elif (
+            key == "reject" and _REJECT_FAMILY.get((v or {}).get("type"), pkt.family) != pkt.family
+        ):
+            # nft keeps `reject with icmpv6` to IPv6 by an implicit `meta nfproto`, which
+            # its JSON does not show: the rule does not match the other family
+            return None
         elif key in ("accept", "drop", "reject", "return", "continue"):
             effect = ("drop" if key == "reject" else key, "")
         elif key in ("jump", "goto"):
@@ -391,6 +419,8 @@ def _match(ruleset: Ruleset, chain: Chain, m: dict, pkt: _Packet) -> bool | _Unk
 def _match_or_raise(ruleset: Ruleset, chain: Chain, m: dict, pkt: _Packet) -> bool | _Fork:
     op, left, right = m["op"], m["left"], m["right"]
     what = render_rule([{"match": m}])
+    if isinstance(left, dict) and "concat" in left:
+        return _concat_match(ruleset, chain, op, left["concat"], right, pkt, what)
     kind, value = _left_value(left, pkt, what)
     if kind == "absent":
         return False
@@ -424,9 +454,36 @@ def _match_or_raise(ruleset: Ruleset, chain: Chain, m: dict, pkt: _Packet) -> bo
         return _Fork(tuple(dataclasses.replace(pkt, **{attr: part}) for part in (yes, no)))
     if isinstance(matching, tuple):
         hit = any(lo <= value <= hi for lo, hi in matching)
+    elif kind == "iface" and value is None:
+        # another host's packet never arrives on lo; any other name needs the real one
+        if any(s != "lo" for s in matching):
+            raise _Unsupported(f"{what}: input interface not known")
+        hit = False
     else:
         hit = any(_str_match(value, s) for s in matching)
     return hit != negate
+
+
+def _concat_match(
+    ruleset: Ruleset, chain: Chain, op: str, parts: list, right: Any, pkt: _Packet, what: str
+) -> bool:
+    """`a . b` in a set of `x . y`: some element matches on every part. A part that
+    depends on the source would split the packet per element: not modelled."""
+    if op not in ("==", "in", "!="):
+        raise _Unsupported(f"{what}: operator {op} not modelled")
+    hit = False
+    for el in _elements(ruleset, chain, right, what):
+        values = el.get("concat") if isinstance(el, dict) else None
+        if not isinstance(values, list) or len(values) != len(parts):
+            raise _Unsupported(f"{what}: element {el!r} not modelled")
+        every = True
+        for part, value in zip(parts, values, strict=True):
+            r = _match_or_raise(ruleset, chain, {"op": "==", "left": part, "right": value}, pkt)
+            if not isinstance(r, bool):
+                raise _Unsupported(f"{what}: a source-dependent part is not modelled")
+            every = every and r
+        hit = hit or every
+    return hit != (op == "!=")
 
 
 def _str_match(value: Any, pattern: str) -> bool:
@@ -466,7 +523,7 @@ def _left_value(left: Any, pkt: _Packet, what: str) -> tuple[str, Any]:
     elif key == "meta":
         k = v["key"]
         if k in ("iifname", "iif"):
-            return "str", pkt.iface
+            return "iface", pkt.iface
         if k == "l4proto":
             return "proto", _PROTO_NUM[l4]
         if k == "nfproto":
@@ -531,6 +588,8 @@ def _scalar(x: Any, kind: str, family: int, what: str) -> int:
                 return int(ipaddress.ip_address(x))
             except ValueError:
                 pass
+        elif kind == "proto" and x.isdigit():
+            return int(x)  # `-p 6`, `meta l4proto 6`
         elif kind == "proto" and x in _PROTO_NUM:
             return _PROTO_NUM[x]
         elif kind == "proto":

@@ -116,8 +116,9 @@ def _translate_ipt(family: str, words: list[str], chains: set[str]) -> Iterator[
             i += 1
         arg = args[0] if args else ""
         if opt in ("-p", "--protocol"):
-            proto = arg
-            yield match({"meta": {"key": "l4proto"}}, arg, neg)
+            proto = {"6": "tcp", "17": "udp"}.get(arg, arg)
+            if arg not in ("all", "0"):  # any protocol: no match at all
+                yield match({"meta": {"key": "l4proto"}}, arg, neg)
         elif opt in ("-s", "--source", "-d", "--destination"):
             net = ipaddress.ip_network(arg, strict=False)
             right: Any = (
@@ -167,6 +168,8 @@ def _translate_ipt(family: str, words: list[str], chains: set[str]) -> Iterator[
                 arg,
                 neg,
             )
+        elif (module, opt) == ("rt", "--rt-type"):
+            yield match({"payload": {"protocol": "rt", "field": "type"}}, arg, neg)
         elif (module, opt) == ("pkttype", "--pkt-type"):
             yield match({"meta": {"key": "pkttype"}}, arg, neg)
         else:

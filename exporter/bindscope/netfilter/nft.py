@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -62,9 +64,48 @@ def ruleset_from_nft(items: list[Any]) -> Ruleset:
                 type=c.get("type", ""),
                 prio=int(c.get("prio", 0)),
                 policy=c.get("policy", "accept"),
+                devices=_devices(c),
             )
         )
     return Ruleset(tuple(out), tuple(sets))
+
+
+_TABLE = re.compile(r"^table (\S+) (\S+) \{")
+_CHAIN = re.compile(r"^\s*chain (\S+) \{")
+_DEVICES = re.compile(r'\bdevices? = \{ ([^}]*) \}|\bdevice "?([^";\s]+)"?')
+
+
+def ingress_devices(text: str) -> dict[tuple[str, str, str], tuple[str, ...]]:
+    """(family, table, chain) -> devices, from `nft list chains`: nft 1.0's JSON leaves
+    an ingress chain's device out."""
+    out: dict[tuple[str, str, str], tuple[str, ...]] = {}
+    table: tuple[str, str] | None = None
+    chain = ""
+    for line in text.splitlines():
+        if m := _TABLE.match(line):
+            table = (m[1], m[2])
+        elif m := _CHAIN.match(line):
+            chain = m[1]
+        elif table and chain and "hook ingress" in line and (d := _DEVICES.search(line)):
+            names = d[1].split(",") if d[1] is not None else [d[2]]
+            out[(*table, chain)] = tuple(n.strip().strip('"') for n in names)
+    return out
+
+
+def with_ingress_devices(
+    ruleset: Ruleset, devices: dict[tuple[str, str, str], tuple[str, ...]]
+) -> Ruleset:
+    chains = tuple(
+        dataclasses.replace(c, devices=devices.get((c.family, c.table, c.name), c.devices))
+        for c in ruleset.chains
+    )
+    return Ruleset(chains, ruleset.sets)
+
+
+def _devices(chain: dict) -> tuple[str, ...]:
+    # nft 1.0 writes one device as "dev": "eth0", several as "dev": ["eth0", "eth1"]
+    dev = chain.get("dev", ())
+    return (dev,) if isinstance(dev, str) else tuple(dev)
 
 
 def unwrap_elem(e: Any) -> Any:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from bindscope.model import PublishedPort
 from bindscope.netfilter.iptables import parse_iptables_save
 from bindscope.netfilter.nat import dedupe, docker_proxy_ports, nat_from_nft, parse_iptables_nat
-from bindscope.netfilter.nft import ruleset_from_nft
+from bindscope.netfilter.nft import ingress_devices, ruleset_from_nft, with_ingress_devices
 from bindscope.netfilter.ruleset import Ruleset
 
 Runner = Callable[..., subprocess.CompletedProcess]
@@ -58,10 +58,10 @@ class _Commands:
             return None, f"{what}: exit {done.returncode}: {detail[-1] if detail else ''}"
         return done.stdout, None
 
-    def need(self, tool: str) -> str:
-        out, err = self.run(tool)
+    def need(self, *cmd: str) -> str:
+        out, err = self.run(*cmd)
         if out is None:
-            raise OSError(err or f"{tool}: not installed")
+            raise OSError(err or f"{cmd[0]}: not installed")
         return out
 
 
@@ -97,6 +97,12 @@ def read_netfilter(
     if legacy is None:
         legacy = _legacy_tables(netns_path, proc)
     try:
+        if ruleset is not None and any(
+            c.hook == "ingress" and not c.devices for c in ruleset.chains
+        ):
+            ruleset = with_ingress_devices(
+                ruleset, ingress_devices(cmds.need("nft", "list", "chains"))
+            )
         if doc is not None and ruleset is not None:
             found, opaque = nat_from_nft(doc)
             ports += found

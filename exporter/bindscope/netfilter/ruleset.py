@@ -3,7 +3,6 @@ Decision the evaluator gives. Immutable, so a scan can share it with later ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +43,7 @@ class Chain:
     prio: int = 0
     policy: str = "accept"
     backend: str = "nft"
+    devices: tuple[str, ...] = ()  # an ingress chain sees only these devices' packets
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,8 @@ class Ruleset:
     sets: tuple[NamedSet, ...] = ()
     _chains: dict = field(init=False, repr=False, compare=False)
     _sets: dict = field(init=False, repr=False, compare=False)
-    _ifaces: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_ifaces", _interface_classes(self.chains))
         object.__setattr__(
             self, "_chains", {(c.family, c.table, c.name, c.backend): c for c in self.chains}
         )
@@ -106,33 +104,6 @@ class Ruleset:
         if any(c.name.startswith(("ufw-", "ufw6-")) for c in self.chains):
             return "ufw"
         return ""
-
-
-def _interface_classes(chains: Iterable[Chain]) -> tuple[str, ...]:
-    """One interface name per class the rules tell apart (lo excluded)."""
-    names: set[str] = set()
-    for c in chains:
-        for r in c.rules:
-            for e in r.exprs:
-                _collect_ifnames(e, names)
-    exact = sorted(n for n in names if not n.endswith("*") and n != "lo")
-    # A name that matches a wildcard but none of the exact names.
-    wild = sorted(n[:-1] + "\x00" for n in names if n.endswith("*"))
-    return (*exact, *wild, "\x00other")
-
-
-def _collect_ifnames(e: Any, names: set[str]) -> None:
-    if isinstance(e, dict):
-        m = e.get("match")
-        if m and is_ifname(m["left"]):
-            r = m["right"]
-            items = r["set"] if isinstance(r, dict) and "set" in r else [r]
-            names.update(i for i in items if isinstance(i, str) and not i.startswith("@"))
-        for v in e.values():
-            _collect_ifnames(v, names)
-    elif isinstance(e, list):
-        for v in e:
-            _collect_ifnames(v, names)
 
 
 IFNAME_META = {"iif", "iifname", "oif", "oifname"}

@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import threading
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +43,8 @@ class Endpoints:
     reload: Callable[[], tuple[bool, str]]
     telemetry_path: str = "/metrics"
     enable_lifecycle: bool = False
+    # api(path, query) -> (status, JSON body) for paths under /api/v1/
+    api: Callable[[str, dict[str, list[str]]], tuple[int, bytes]] | None = None
 
 
 class ListenAddressError(ValueError):
@@ -159,9 +162,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if not self._authorized():
             return
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         ep = self.server.endpoints
-        if path == ep.telemetry_path:
+        if path.startswith("/api/v1/") and ep.api is not None:
+            # the length bounds the fields parsed; no real query comes close
+            code, body = ep.api(path, urllib.parse.parse_qs(query[:2048]))
+            self._send(code, body, "application/json")
+        elif path == ep.telemetry_path:
             compressed = accepts_gzip(self.headers.get("Accept-Encoding", ""))
             parts = ep.metrics(compressed)
             extra = {"Content-Encoding": "gzip"} if compressed else {}

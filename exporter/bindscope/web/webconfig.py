@@ -401,7 +401,7 @@ class _Version:
 class WebConfigWatcher:
     """The web config as it is now: TLS context, users and headers for each request.
 
-    exporter/web.py is the wiring: the server wraps each accepted connection with
+    web/server.py is the wiring: the server wraps each accepted connection with
     `ssl_context()` (the context current at accept time, the handshake in the
     connection's thread), and every request passes `authorize()` and sends `headers()`.
     `path=None` means plain HTTP and no auth. A file broken at start raises

@@ -1,0 +1,103 @@
+"""The lab's helper processes, each started once inside one namespace and fed on stdin.
+
+listen JSON: holds the listening sockets described (accepting and closing) until stdin ends.
+probe: per line, a JSON list of [address, port]; answers a JSON list of outcomes, each
+    connect concurrent and bounded by the timeout on the command line.
+scan: per line, a JSON object {"config": YAML}; answers {"metrics": text}: one scan of
+    this namespace by the exporter's own Scanner, rendered as the exporter serves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import selectors
+import socket
+import sys
+import time
+
+
+def listen(spec: list[dict]) -> None:
+    sel = selectors.DefaultSelector()
+    for s in spec:
+        family = socket.AF_INET6 if ":" in s["address"] else socket.AF_INET
+        kind = socket.SOCK_DGRAM if s.get("protocol") == "udp" else socket.SOCK_STREAM
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(s.get("v6only", 0)))
+        if s.get("device"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, s["device"].encode())
+        sock.bind((s["address"], s["port"]))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(4096)
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+    sel.register(sys.stdin, selectors.EVENT_READ)
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is sys.stdin:
+                if not sys.stdin.readline():
+                    return
+                continue
+            with contextlib.suppress(BlockingIOError):
+                key.fileobj.accept()[0].close()  # type: ignore[union-attr]
+
+
+def probe(targets: list[list], timeout: float) -> list[str]:
+    """'ok', 'refused', 'timeout' or an errno name for each [address, port]."""
+    sel = selectors.DefaultSelector()
+    out = ["timeout"] * len(targets)
+    for i, (address, port) in enumerate(targets):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setblocking(False)
+        rc = s.connect_ex((address, port))
+        if rc in (0, errno.EINPROGRESS):
+            sel.register(s, selectors.EVENT_WRITE, i)
+        else:
+            out[i] = errno.errorcode.get(rc, str(rc))
+            s.close()
+    deadline = time.monotonic() + timeout
+    while sel.get_map() and (left := deadline - time.monotonic()) > 0:
+        for key, _ in sel.select(left):
+            s = key.fileobj
+            rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+            out[key.data] = "ok" if rc == 0 else errno.errorcode.get(rc, str(rc))
+            sel.unregister(s)
+            s.close()  # type: ignore[union-attr]
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    return [{"ECONNREFUSED": "refused"}.get(o, o) for o in out]
+
+
+def scan(config_text: str) -> str:
+    from bindscope.collector.snapshot import render
+    from bindscope.config.load import parse_config
+    from bindscope.scan import Scanner
+
+    # a new Scanner each time: legacy iptables changes do not move the generation its
+    # netfilter cache keys on
+    scanner = Scanner(namespaces=False, published=False)
+    return render(scanner.scan(parse_config(config_text, "lab.yml"))).decode()
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    if mode == "listen":
+        listen(json.loads(sys.argv[2]))
+        return
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if mode == "probe":
+            answer: object = probe(request, float(sys.argv[2]))
+        else:
+            answer = {"metrics": scan(request["config"])}
+        print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    main()
