@@ -23,10 +23,53 @@ if [ "$(id -u)" = 0 ]; then
     command -v ufw >/dev/null || need+=(ufw)
     command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
     command -v jsonnet >/dev/null || need+=(jsonnet)
+    # the daemons whose fixes tests/test_daemons.py applies (each runs there as the test's
+    # own process in a test namespace, never as the system's service), and the browser of
+    # tests/test_landing.py
+    daemons=()
+    command -v chromium >/dev/null || daemons+=(chromium)
+    command -v redis-server >/dev/null || daemons+=(redis-server)
+    command -v nginx >/dev/null || daemons+=(nginx)
+    [ -x /usr/lib/postgresql/15/bin/postgres ] || daemons+=(postgresql-15)
+    command -v mariadbd >/dev/null || daemons+=(mariadb-server)
+    command -v memcached >/dev/null || daemons+=(memcached)
+    command -v mosquitto >/dev/null || daemons+=(mosquitto)
+    command -v haproxy >/dev/null || daemons+=(haproxy)
+    command -v apache2 >/dev/null || daemons+=(apache2)
+    if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ]; then
+        apt-get update -qq
+    fi
     if [ ${#need[@]} -gt 0 ]; then
         echo "run.sh: installing from Debian: ${need[*]}"
-        apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+    if [ ${#daemons[@]} -gt 0 ]; then
+        echo "run.sh: installing from Debian, services not started: ${daemons[*]}"
+        # policy-rc.d answering 101 keeps the packages from starting their services
+        made_policy=0
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+            chmod +x /usr/sbin/policy-rc.d
+            made_policy=1
+            trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${daemons[@]}" >/dev/null
+        if [ $made_policy = 1 ]; then
+            rm -f /usr/sbin/policy-rc.d
+            trap - EXIT
+        fi
+        # where systemd started one anyway, stop it: it must not listen on the host
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+            for pkg in "${daemons[@]}"; do
+                case $pkg in
+                    chromium) continue ;;
+                    mariadb-server) unit=mariadb ;;
+                    postgresql-15) unit=postgresql ;;
+                    *) unit=$pkg ;;
+                esac
+                systemctl disable --now "$unit" 2>/dev/null || true
+            done
+        fi
     fi
 fi
 

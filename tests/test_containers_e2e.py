@@ -144,7 +144,7 @@ def test_published_step_names_the_fix_inside_the_container(status, address, cmdl
     if fix is None:
         assert finding.fixes == ()
     else:
-        assert finding.fixes[0].startswith(fix), finding.fixes
+        assert finding.fixes[0].summary.startswith(fix), finding.fixes
     if address:
         assert f"  inside: {address}:5000" in "\n".join(finding.lines)
         assert f"    pid 4242 {listeners[0].process.name}: {' '.join(cmdline)}" in finding.lines

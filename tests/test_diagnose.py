@@ -13,7 +13,7 @@ from bindscope.cli.init import default_expose, plan, render
 from bindscope.config.load import Config
 from bindscope.diagnose.case import diagnosis_of
 from bindscope.diagnose.document import to_document
-from bindscope.diagnose.fixes import bind_change, widen_host
+from bindscope.diagnose.fixes import advice, bind_change, widen_host
 from bindscope.diagnose.programs import Culprit, Source, python_entry, read_source, recognize
 from bindscope.diagnose.steps import FIREWALL_CHECK, Case, Finding, diagnose
 from bindscope.judge import status_of
@@ -100,7 +100,7 @@ PY = "/srv/venv/bin/python3"
             9200,
             "elasticsearch",
         ),
-        (proc("/usr/sbin/sshd", "-D"), None, 22, None),
+        (proc("/usr/sbin/sshd", "-D"), None, 22, "sshd"),
     ],
     ids=[
         "flask app.run() script",
@@ -127,7 +127,7 @@ PY = "/srv/venv/bin/python3"
         "memcached",
         "mongod",
         "elasticsearch",
-        "sshd is no culprit",
+        "sshd",
     ],
 )
 def test_recognize(process: ProcessInfo, source: Source | None, port: int, kind: str | None):
@@ -178,10 +178,10 @@ def test_python_entry(argv, expected):
         (Culprit("uvicorn", "", app="m:app"), "0.0.0.0", ["--host 0.0.0.0 --port 5000"]),
         (Culprit("jupyter", ""), "0.0.0.0", ["--ip=0.0.0.0"]),
         (Culprit("node", ""), "0.0.0.0", ['server.listen(5000, "0.0.0.0")']),
-        (Culprit("redis", ""), "127.0.0.1", ["`bind 127.0.0.1` in redis.conf"]),
+        (Culprit("redis", ""), "127.0.0.1", ["`bind 127.0.0.1 -::1` in redis.conf"]),
         (Culprit("mysql", ""), "127.0.0.1", ["`bind-address = 127.0.0.1`"]),
-        (Culprit("postgres", ""), "127.0.0.1", ["`listen_addresses = '127.0.0.1'`"]),
-        (Culprit("memcached", ""), "127.0.0.1", ["`-l 127.0.0.1`"]),
+        (Culprit("postgres", ""), "127.0.0.1", ["`listen_addresses = '127.0.0.1,::1'`"]),
+        (Culprit("memcached", ""), "127.0.0.1", ["`-l 127.0.0.1,::1`"]),
         (Culprit("mongod", ""), "127.0.0.1", ["`net.bindIp: 127.0.0.1`"]),
         (Culprit("elasticsearch", ""), "127.0.0.1", ["`network.host: 127.0.0.1`"]),
         (None, "0.0.0.0", ["listen on 0.0.0.0"]),
@@ -204,7 +204,7 @@ def test_python_entry(argv, expected):
     ],
 )
 def test_bind_change(culprit: Culprit | None, host: str, wanted: list[str]):
-    text = "\n".join(bind_change(culprit, 5000, host))
+    text = "\n".join(f.summary for f in bind_change(culprit, 5000, host))
     for w in wanted:
         assert w in text
 
@@ -291,16 +291,19 @@ def test_loopback_flask_says_loopback_only_and_names_the_fix():
     assert "loopback only (127.0.0.1)" in text
     assert "198.51.100.1  refused (nothing is bound to this address)" in text
     assert "recognised: Flask development server" in text
-    assert d.fixes[0] == (
+    assert d.fixes[0].summary == (
         'in /srv/app.py line 5: change `app.run(port=5000)` to `app.run(host="0.0.0.0", port=5000)`'
     )
-    assert not any(FIREWALL_CHECK in f for f in d.fixes)
+    assert (d.fixes[0].kind, d.fixes[0].file, d.fixes[0].line) == ("code", "/srv/app.py", 5)
+    assert not any(FIREWALL_CHECK in f.summary for f in d.fixes)
 
 
 def test_wide_listener_with_a_failing_host_probe_points_at_the_firewall():
     d = diagnose(case([listener("0.0.0.0")], {"127.0.0.1": "ok", "198.51.100.1": "timeout"}))
     assert d.problem
-    assert d.fixes == (f"it listens on 198.51.100.1 but connecting there fails: {FIREWALL_CHECK}",)
+    assert [f.summary for f in d.fixes] == [
+        f"it listens on 198.51.100.1 but connecting there fails: {FIREWALL_CHECK}"
+    ]
     assert "198.51.100.1  timeout although a socket is bound to it" in d.findings[3].lines
 
 
@@ -318,7 +321,7 @@ def test_overexposed_database_names_its_bind_setting():
     d = diagnose(case([lst], {}, expose=Exposure.LOOPBACK, culprits={100: redis}, declared=True))
     assert d.problem
     assert "overexposed" in d.findings[4].lines[0]
-    assert any("`bind 127.0.0.1` in redis.conf" in f for f in d.fixes)
+    assert any("`bind 127.0.0.1 -::1` in redis.conf" in f.summary for f in d.fixes)
 
 
 def test_nothing_listening():
@@ -330,7 +333,7 @@ def test_nothing_listening():
         problem=True,
         step="listening",
     )
-    assert "start the service" in d.fixes[0]
+    assert "start the service" in d.fixes[0].summary
 
 
 def test_v6only_and_owner_unknown_are_said():
@@ -343,13 +346,13 @@ def test_v6only_and_owner_unknown_are_said():
 
 def test_an_extra_step_is_one_more_finding():
     def containers(c: Case) -> Finding:
-        return Finding("Is it a published port?", ("no",), ("a fix from the step",), True)
+        return Finding("Is it a published port?", ("no",), (advice("a fix from the step"),), True)
 
     from bindscope.diagnose.steps import STEPS
 
     d = diagnose(case([listener("0.0.0.0")], {}), steps=(*STEPS, containers))
     assert d.findings[-2].title == "Is it a published port?"
-    assert d.fixes == ("a fix from the step",)
+    assert d.fixes == (advice("a fix from the step"),)
 
 
 @pytest.mark.parametrize(
@@ -455,7 +458,7 @@ def test_plan_names_skips_and_exposes():
     assert got == [
         ("port-53", 53, "udp", "private", "private"),
         ("flask", 5000, "tcp", "loopback", "loopback"),
-        ("redis", 6379, "tcp", "loopback", "private"),
+        ("redis-6379", 6379, "tcp", "loopback", "private"),
         ("redis-8000", 8000, "tcp", "loopback", "private"),
     ]
     assert entries[1].addresses == ("127.0.0.1", "::1")

@@ -84,10 +84,7 @@ def case(
                 f"tcp {H4}: the firewall drops other hosts: "
                 "table inet filter, chain input: policy drop"
             ],
-            [
-                "let other hosts in on 5000/tcp: "
-                "`nft insert rule inet filter input tcp dport 5000 accept`"
-            ],
+            ["nft insert rule inet filter input tcp dport 5000 accept"],
         ),
         (
             "inet_drop",
@@ -98,10 +95,7 @@ def case(
                 f"tcp {H4}: the firewall drops other hosts: table inet filter, chain input, "
                 "handle 21: `tcp dport 9100 reject`"
             ],
-            [
-                "let other hosts in on 9100/tcp: "
-                "`nft insert rule inet filter input tcp dport 9100 accept`"
-            ],
+            ["nft insert rule inet filter input tcp dport 9100 accept"],
         ),
         (
             "inet_drop",
@@ -124,7 +118,7 @@ def case(
                 f"tcp {H4}: the firewall drops other hosts: table ip filter, chain INPUT: "
                 "policy drop (written by ufw)"
             ],
-            ["let other hosts in on 9999/tcp: `ufw allow 9999/tcp`"],
+            ["ufw allow 9999/tcp"],
         ),
         (
             "ufw",
@@ -140,7 +134,7 @@ def case(
             Exposure.LOOPBACK,
             Status.OVEREXPOSED,
             [f"{H4}: nothing but the bind keeps them out (table ip filter, chain ufw-user-input"],
-            ["or keep other hosts out at the firewall as well: `ufw deny 5000/tcp`"],
+            ["ufw insert 1 deny 5000/tcp"],
         ),
         (
             "firewalld",
@@ -152,8 +146,8 @@ def case(
                 "(table inet firewalld, chain filter_IN_public_allow"
             ],
             [
-                "or keep other hosts out at the firewall as well: `firewall-cmd --permanent "
-                "--zone=public --remove-port=5000/tcp && firewall-cmd --reload`"
+                "firewall-cmd --permanent --zone=public --add-rich-rule='rule port "
+                'port="5000" protocol="tcp" drop\' && firewall-cmd --reload'
             ],
         ),
         (
@@ -203,7 +197,8 @@ def test_step_names_the_rule_and_the_command(fixture, port, expose, status, line
     text = "\n".join(f.lines)
     for line in lines:
         assert line in text
-    assert list(f.fixes) == fixes
+    assert [c for fix in f.fixes for c in fix.commands] == fixes
+    assert all(fix.kind == "firewall" for fix in f.fixes)
     # a problem only where the firewall is the cause or the missing guard
     assert f.problem == (status in (Status.BLOCKED, Status.OVEREXPOSED))
 
@@ -267,4 +262,34 @@ def test_blocked_gathers_the_opening_command_instead_of_the_generic_hint():
     c = case([listener("0.0.0.0", 9999)], Status.BLOCKED, rulesets={HOST_NETNS: (load("ufw"), "")})
     d = diagnose(c)
     assert d.problem
-    assert d.fixes == ("let other hosts in on 9999/tcp: `ufw allow 9999/tcp`",)
+    assert [(f.kind, f.commands) for f in d.fixes] == [("firewall", ("ufw allow 9999/tcp",))]
+
+
+@pytest.mark.parametrize(
+    ("firewall", "effective", "reach", "said"),
+    [
+        (
+            Firewall.DROP,
+            Exposure.LOOPBACK,
+            "only this host",
+            "The firewall drops new connections from other hosts on every address",
+        ),
+        (
+            Firewall.ACCEPT,
+            Exposure.PRIVATE,
+            "hosts on its private networks",
+            "The firewall lets other hosts in",
+        ),
+        (None, Exposure.PRIVATE, "hosts on its private networks", "a firewall may still drop"),
+    ],
+    ids=["dropped", "accepted", "not-read"],
+)
+def test_the_meaning_step_agrees_with_the_firewall(firewall, effective, reach, said):
+    wide = listener("0.0.0.0", 5432)
+    wide = Listener(wide.socket, wide.process, wide.scope, wide.exposure, firewall=firewall)
+    spec = ServiceSpec(name="db", port=5432, expose=effective)
+    v = Verdict(spec, Status.OK, Exposure.PRIVATE, (wide,), effective=effective)
+    c = Case(5432, (v,), True, (wide,), HOSTS)
+    (meaning,) = [f for f in diagnose(c).findings if f.step == "meaning"]
+    assert f"A client can connect from {reach}" in meaning.lines[1]
+    assert said in meaning.lines[2]

@@ -224,16 +224,22 @@ def test_read_failure_is_an_error_string(answer, error):
     ("name", "proto", "port", "opening", "closing"),
     [
         ("ufw", "tcp", 9999, "ufw allow 9999/tcp", ""),
-        ("ufw", "tcp", 5000, "", "ufw deny 5000/tcp"),
+        ("ufw", "tcp", 5000, "", "ufw insert 1 deny 5000/tcp"),
         (
             "firewalld",
             "tcp",
             5000,
             "",
-            "firewall-cmd --permanent --zone=public "
-            "--remove-port=5000/tcp && firewall-cmd --reload",
+            "firewall-cmd --permanent --zone=public --add-rich-rule='rule port "
+            'port="5000" protocol="tcp" drop\' && firewall-cmd --reload',
         ),
-        ("inet_drop", "udp", 5353, "", "nft insert rule inet filter input udp dport 5353 drop"),
+        (
+            "inet_drop",
+            "udp",
+            5353,
+            "",
+            "nft insert rule inet filter input iifname != lo udp dport 5353 drop",
+        ),
         ("inet_drop", "tcp", 5000, "nft insert rule inet filter input tcp dport 5000 accept", ""),
         ("legacy", "tcp", 9999, "iptables -I INPUT -p tcp --dport 9999 -j ACCEPT", ""),
         ("unknown", "tcp", 9100, "", ""),

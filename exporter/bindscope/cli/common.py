@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from bindscope.config.load import Config, default_config, load_config
+from bindscope.config.load import Config, ConfigError, default_config, load_config
 
 log = logging.getLogger("bindscope")
 
@@ -28,5 +28,25 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class EmptyConfigPath(ConfigError):
+    """`--config.file=` with nothing after it, as an unset variable in a unit file gives:
+    a usage error, never the embedded default."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    def __str__(self) -> str:
+        return (
+            "error: --config.file is empty: name a YAML file, or leave the flag out "
+            "for the embedded default (no declared services)"
+        )
+
+
 def load(path: str | None) -> Config:
-    return load_config(path) if path else default_config()
+    """The config at `path`, the embedded default when no path is given; raises
+    ConfigError (exit 2 in both programs) for a bad file or an empty path."""
+    if path is None:
+        return default_config()
+    if not path.strip():
+        raise EmptyConfigPath()
+    return load_config(path)

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bindscope.config.load import RESERVED_SERVICE_NAME
-from bindscope.diagnose.programs import Culprit
+from bindscope.diagnose.programs import ROLES, Culprit, recognize
 from bindscope.model import HOST_NETNS, Exposure, Listener, Protocol
 
 DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default net.ipv4.ip_local_port_range
@@ -59,31 +59,75 @@ def _clean(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _base_name(listener: Listener, culprit: Culprit | None) -> str:
+def _program(listener: Listener, culprit: Culprit | None) -> str:
+    """The program part of a name: its kind, else its process name, else "port"."""
     raw = culprit.kind if culprit else listener.process.name
     if not listener.process.known and not culprit:
         raw = ""
     name = _UNSAFE_NAME_RE.sub("-", raw).lstrip(".:-")[:40]
     if not name or name == RESERVED_SERVICE_NAME:
-        return f"port-{listener.socket.port}"
+        return "port"
     return name
 
 
-def _unique(base: str, port: int, protocol: Protocol, taken: set[str]) -> str:
-    for candidate in (base, f"{base}-{port}", f"{base}-{port}-{protocol.value}"):
-        if candidate not in taken:
-            return candidate
-    n = 2
-    while f"{base}-{port}-{protocol.value}-{n}" in taken:
-        n += 1
-    return f"{base}-{port}-{protocol.value}-{n}"
+def _unique(name: str, taken: set[str]) -> str:
+    """Two processes of one program on one port and protocol (other namespaces are not
+    planned, so only by a race): a number tells them apart."""
+    n, candidate = 2, name
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def _names(keys: Sequence[tuple[Protocol, int, str]]) -> list[str]:
+    """A name per (protocol, port, program) that says the program, and the port's role and
+    protocol where the program has several: redis, rabbitmq-amqp, dnsmasq-udp."""
+    per_program: dict[str, set[int]] = {}
+    per_port: dict[tuple[str, int], set[Protocol]] = {}
+    for proto, port, program in keys:
+        per_program.setdefault(program, set()).add(port)
+        per_port.setdefault((program, port), set()).add(proto)
+    names: list[str] = []
+    taken: set[str] = set()
+    for proto, port, program in keys:
+        name = program
+        if program == "port" or len(per_program[program]) > 1:
+            role = ROLES.get(port, "")
+            name += f"-{role}" if role and role != program and program != "port" else f"-{port}"
+        if len(per_port[(program, port)]) > 1:
+            name += f"-{proto.value}"
+        name = _unique(name, taken)
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def default_expose(now: Exposure, culprit: Culprit | None) -> Exposure:
-    """Without --expose-from-current: what a service usually should be, not what it is."""
-    if now <= Exposure.LOOPBACK or (culprit is not None and culprit.database):
+    """Without --expose-from-current: what a service usually should be, not what it is.
+    A database, epmd or an Erlang distribution port beyond loopback is usually a mistake:
+    declared loopback, the first scan flags it."""
+    if now <= Exposure.LOOPBACK or (
+        culprit is not None and (culprit.database or culprit.erlang_internal)
+    ):
         return Exposure.LOOPBACK
     return Exposure.PRIVATE
+
+
+def _hint(now: Exposure, culprit: Culprit | None, addresses: Sequence[str]) -> str:
+    if culprit is None:
+        return ""
+    if now is Exposure.LOOPBACK and (culprit.kind in _DEV_SERVERS or culprit.web_server):
+        return f"{culprit.label}: if other hosts should reach it, set private"
+    if now > Exposure.LOOPBACK and culprit.erlang_internal:
+        return (
+            f"{culprit.label} is for the cluster's own nodes, never clients: declared "
+            "loopback (list the nodes' network as private only for a cluster)"
+        )
+    if now > Exposure.LOOPBACK and culprit.database:
+        wild = any(a in ("0.0.0.0", "::") for a in addresses)
+        on = " on every address" if wild else ""
+        return f"{culprit.label}{on} is usually a mistake: declared loopback"
+    return ""
 
 
 def plan(
@@ -99,12 +143,15 @@ def plan(
             groups.setdefault((lst.socket.protocol, lst.socket.port), []).append(lst)
     entries: list[Entry] = []
     skipped: list[str] = []
-    taken: set[str] = set()
+    kept: list[tuple[Protocol, int, Listener, Culprit | None, list[Listener]]] = []
     for (protocol, port), group in sorted(
         groups.items(), key=lambda kv: (kv[0][1], kv[0][0].value)
     ):
         owner = next((lst for lst in group if lst.process.known), group[0])
         culprit = culprits.get(owner.process.pid) if owner.process.known else None
+        if culprit is not None and culprit.kind == "rabbitmq":
+            # one process, several ports: each port's own role (AMQP, distribution, ...)
+            culprit = recognize(owner.process, None, port) or culprit
         what = f"{protocol.value} {port} ({_clean(owner.process.name, 40)})"
         if (culprit and culprit.kind == "bindscope") or owner.service == RESERVED_SERVICE_NAME:
             skipped.append(f"{what}: bindscope-exporter itself")
@@ -115,20 +162,17 @@ def plan(
                 "likely another port after a restart"
             )
             continue
+        kept.append((protocol, port, owner, culprit, group))
+    names = _names([(proto, port, _program(o, c)) for proto, port, o, c, _ in kept])
+    for name, (protocol, port, owner, culprit, group) in zip(names, kept, strict=True):
         now = max(lst.exposure for lst in group)
-        name = _unique(_base_name(owner, culprit), port, protocol, taken)
-        taken.add(name)
+        addresses = tuple(dict.fromkeys(lst.socket.address for lst in group))
         p = owner.process
         about = (
             f"{p.name} (pid {p.pid}): {' '.join(p.cmdline) or p.name}"
             if p.known
             else "owner unknown (run as root to see it)"
         )
-        hint = ""
-        if now is Exposure.LOOPBACK and culprit and culprit.kind in _DEV_SERVERS:
-            hint = f"{culprit.label}: if other hosts should reach it, set private"
-        elif culprit and culprit.database and now > Exposure.LOOPBACK:
-            hint = f"{culprit.label} is usually for this host only"
         entries.append(
             Entry(
                 name=name,
@@ -136,10 +180,10 @@ def plan(
                 protocol=protocol,
                 expose=now if expose_from_current else default_expose(now, culprit),
                 now=now,
-                addresses=tuple(dict.fromkeys(lst.socket.address for lst in group)),
+                addresses=addresses,
                 process=p.name if p.known and not _CONTROL_RE.search(p.name) else "",
                 about=_clean(about),
-                hint=hint,
+                hint=_hint(now, culprit, addresses),
             )
         )
     return entries, skipped

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from typing import TextIO
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
 
-from bindscope.diagnose.steps import Case, Diagnosis, probe_word
+from bindscope.diagnose.steps import probe_word
 from bindscope.model import (
     HOST_NETNS,
     Listener,
@@ -86,6 +86,7 @@ def _process_text(listeners: Iterable[Listener]) -> str:
 
 
 def render_scan(snap: Snapshot, paint: Paint) -> list[str]:
+    """Services, other listeners and published ports; the caller adds scan_notes."""
     out: list[str] = []
     if snap.verdicts:
         rows = []
@@ -125,7 +126,7 @@ def render_scan(snap: Snapshot, paint: Paint) -> list[str]:
         out += published_table(snap.published, paint)
     out.append("")
     out.append(scan_summary(snap))
-    return out + scan_notes(snap, paint)
+    return out
 
 
 def _hostport(address: str, port: int) -> str:
@@ -154,17 +155,22 @@ def published_table(published: Sequence[Published], paint: Paint) -> list[str]:
     return table([*header, "PROBE"], rows, paint)
 
 
-def scan_notes(snap: Snapshot, paint: Paint) -> list[str]:
+def scan_notes(
+    snap: Snapshot, paint: Paint, details: Mapping[str, str] | None = None, root: bool = False
+) -> list[str]:
+    """The scan's failure and errors, each source with the first error it gave."""
     out = []
     if not snap.success:
         out.append(paint("The scan failed: what is shown above is incomplete.", "red"))
     if snap.errors:
-        errs = ", ".join(f"{k}={n}" for k, n in sorted(snap.errors.items()))
-        out.append(
-            paint(
-                f"Scan errors: {errs} (some need root or capabilities: docs/operator.md)", "yellow"
-            )
+        details = details or {}
+        errs = "; ".join(
+            f"{k}={n}" + (f": {details[k]}" if k in details else "")
+            for k, n in sorted(snap.errors.items())
         )
+        # as root, missing privileges are not the cause: the first error says what is
+        why = "docs/operator.md" if root else "some need root or capabilities: docs/operator.md"
+        out.append(paint(f"Scan errors: {errs} ({why})", "yellow"))
     return out
 
 
@@ -234,20 +240,24 @@ def scan_summary(snap: Snapshot) -> str:
     )
 
 
-def render_diagnosis(
-    d: Diagnosis, case: Case, paint: Paint, notes: Sequence[str] = ()
-) -> list[str]:
-    out = [paint(f"bindscope diagnose: {d.subject}", "bold")]
-    last = len(d.findings)
-    for n, f in enumerate(d.findings, 1):
+def render_diagnosis(doc: Mapping[str, Any], paint: Paint, notes: Sequence[str] = ()) -> list[str]:
+    """The diagnosis document (diagnose/document.py) as numbered steps for a terminal."""
+    out = [paint(f"bindscope diagnose: {doc['subject']}", "bold")]
+    for n, f in enumerate(doc["findings"], 1):
         out.append("")
-        out.append(paint(f"{n}. {f.title}", "bold"))
-        bullet = "- " if n == last and f.fixes else ""
-        out.extend(f"   {bullet}{line}" for line in f.lines)
-    statuses = ", ".join(dict.fromkeys(v.status.value for v in case.verdicts))
+        out.append(paint(f"{n}. {f['title']}", "bold"))
+        if f["step"] != "fixes" or not doc["fixes"]:
+            out.extend(f"   {line}" for line in f["lines"])
+            continue
+        for fix in doc["fixes"]:
+            out.append(f"   - {fix['summary']}")
+            out.extend(f"     $ {command}" for command in fix.get("commands", ()))
+    statuses = ", ".join(doc.get("statuses", ()))
     out.append("")
     out.extend(notes)
-    if d.problem:
+    if doc["result"] == "problem":
+        if statuses and set(doc.get("statuses", ())) == {Status.OK.value}:
+            statuses = "judged ok, but a step above found a problem"
         out.append(paint(f"Result: PROBLEM ({statuses})", "red"))
     else:
         out.append(paint(f"Result: ok ({statuses})", "green"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import socket
 import sys
@@ -29,6 +30,7 @@ from bindscope.diagnose.steps import diagnose
 from bindscope.logs import setup as setup_logging
 from bindscope.model import (
     HOST_NETNS,
+    Snapshot,
 )
 from bindscope.netfilter.read import read_ruleset
 from bindscope.scan import Scanner
@@ -126,10 +128,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class FirstErrors(logging.Handler):
+    """The first detail of each scan error source, for the `Scan errors:` line; the scan
+    logs them as warnings, which the tool does not print."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.details: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        source, detail = getattr(record, "source", None), getattr(record, "detail", None)
+        if isinstance(source, str) and isinstance(detail, str):
+            self.details.setdefault(source, detail)
+        if record.levelno >= logging.ERROR:
+            logging.getLogger("bindscope").handle(record)
+
+
+SCAN_ERRORS = FirstErrors()
+
+
+def notes(snap: Snapshot, paint: Paint) -> list[str]:
+    return scan_notes(snap, paint, SCAN_ERRORS.details, root=os.geteuid() == 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # scan errors are summed up in the output; only real failures are logged
     setup_logging("error")
+    scan_log = logging.getLogger("bindscope.scan")
+    scan_log.setLevel(logging.WARNING)
+    scan_log.propagate = False
+    scan_log.handlers[:] = [SCAN_ERRORS]
     commands = {
         "scan": cmd_scan,
         "check-config": cmd_check_config,
@@ -161,7 +190,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(snapshot_json(snap, config), indent=2))
     else:
-        print("\n".join(render_scan(snap, Paint.for_stream(sys.stdout))))
+        paint = Paint.for_stream(sys.stdout)
+        print("\n".join([*render_scan(snap, paint), *notes(snap, paint)]))
     return EXIT_OK if scan_ok(snap) else EXIT_PROBLEM
 
 
@@ -233,11 +263,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     # read again, not taken from the scan: diagnose names the rule, the scan keeps verdicts
     case = dataclasses.replace(case, rulesets={HOST_NETNS: read_ruleset()})
     result = diagnose(case)
+    doc = to_document(result, args.target)
     if args.json:
-        print(json.dumps(to_document(result, args.target), indent=2))
-        return EXIT_PROBLEM if result.problem or not snap.success else EXIT_OK
-    paint = Paint.for_stream(sys.stdout)
-    print("\n".join(render_diagnosis(result, case, paint, scan_notes(snap, paint))))
+        print(json.dumps(doc, indent=2))
+    else:
+        paint = Paint.for_stream(sys.stdout)
+        print("\n".join(render_diagnosis(doc, paint, notes(snap, paint))))
     return EXIT_PROBLEM if result.problem or not snap.success else EXIT_OK
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from bindscope.config.load import Config
 from bindscope.diagnose.programs import Culprit, read_source, recognize
+from bindscope.diagnose.settings import Files, locate, master
 from bindscope.diagnose.steps import Case, Diagnosis, diagnose
 from bindscope.judge import judge
 from bindscope.model import (
@@ -17,6 +18,7 @@ from bindscope.model import (
     ServiceSpec,
     Snapshot,
 )
+from bindscope.netfilter.ruleset import Ruleset
 
 
 def culprits_of(listeners: Iterable[Listener], port_of_interest: int = 0) -> dict[int, Culprit]:
@@ -26,9 +28,12 @@ def culprits_of(listeners: Iterable[Listener], port_of_interest: int = 0) -> dic
         p = lst.process
         if p.pid is None or p.pid in found:
             continue
-        culprit = recognize(p, read_source(p), port_of_interest or lst.socket.port)
+        port = port_of_interest or lst.socket.port
+        culprit = recognize(p, read_source(p), port)
         if culprit is not None:
-            found[p.pid] = culprit
+            owner = master(p) if culprit.kind == "nginx" else p
+            settings = locate(culprit.kind, owner, port, Files.of(owner))
+            found[p.pid] = dataclasses.replace(culprit, settings=settings)
     return found
 
 
@@ -96,8 +101,15 @@ def build_case(port: int, snap: Snapshot, declared: bool, probed: bool) -> Case:
     )
 
 
-def diagnosis_of(target: str, snap: Snapshot, config: Config, probed: bool) -> Diagnosis:
-    """Diagnose a port or service from a scan already made (the exporter's latest)."""
+def diagnosis_of(
+    target: str,
+    snap: Snapshot,
+    config: Config,
+    probed: bool,
+    rulesets: Mapping[str, tuple[Ruleset | None, str]] | None = None,
+) -> Diagnosis:
+    """Diagnose a port or service from a scan already made (the exporter's latest);
+    `rulesets`, when read, let the firewall step name the rule and the command."""
     port, specs, declared = resolve_target(target, config)
     names = {s.name for s in specs}
     own = tuple(v for v in snap.verdicts if v.service.name in names)
@@ -106,4 +118,6 @@ def diagnosis_of(target: str, snap: Snapshot, config: Config, probed: bool) -> D
         verdicts, _ = judge(specs, [lst for lst in snap.listeners if lst.socket.port == port])
         own = verdicts
     case = build_case(port, dataclasses.replace(snap, verdicts=own), declared, probed)
+    if rulesets is not None:
+        case = dataclasses.replace(case, rulesets=rulesets)
     return diagnose(case)

@@ -1,145 +1,615 @@
-"""The changes diagnose advises: a program's bind setting, the address to bind, and the
-firewall command that opens or closes a port."""
+"""The changes diagnose advises, as Fix records: a program's bind setting at its file and
+line, the address to bind, and the firewall commands that open or close a port."""
 
 from __future__ import annotations
 
-from bindscope.diagnose.programs import Culprit, program_base
+import re
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from bindscope.diagnose.programs import DIST, Culprit, program_base
+from bindscope.diagnose.settings import Setting
 from bindscope.model import (
     Exposure,
     Firewall,
     HostAddress,
     Scope,
 )
-from bindscope.netfilter.ruleset import Decision
+from bindscope.netfilter.ruleset import Decision, Ruleset
+
+FixKind = Literal["config", "code", "command", "firewall"]
 
 
-def opening_command(decision: Decision, protocol: str, port: int) -> str:
+@dataclass(frozen=True)
+class Fix:
+    """One change to make: a setting in a file, a line of code, a command line to start
+    with, or firewall commands. `commands`, run as given, make the change."""
+
+    kind: FixKind
+    summary: str
+    file: str = ""
+    line: int = 0  # 1-based; 0 when the setting is to be added
+    setting: str = ""  # the line as it should read
+    commands: tuple[str, ...] = ()
+
+
+def advice(summary: str) -> Fix:
+    """A change diagnose can describe but not write (start the service, check by hand)."""
+    return Fix("command", summary)
+
+
+# --- the firewall ---
+
+
+def opening_command(decision: Decision, protocol: str, port: int, family: int = 4) -> str:
     """A command that lets other hosts in, for a DROP decision; "" otherwise."""
     if decision.verdict is not Firewall.DROP:
         return ""
-    return _command(decision, protocol, port, allow=True)
+    return _command(decision, protocol, port, allow=True, family=family)
 
 
-def closing_command(decision: Decision, protocol: str, port: int) -> str:
-    """A command that keeps other hosts out, for an ACCEPT decision; "" otherwise."""
+def closing_command(decision: Decision, protocol: str, port: int, family: int = 4) -> str:
+    """A command that keeps other hosts out and loopback working, for an ACCEPT decision."""
     if decision.verdict is not Firewall.ACCEPT:
         return ""
-    return _command(decision, protocol, port, allow=False)
+    return _command(decision, protocol, port, allow=False, family=family)
 
 
-def _command(d: Decision, protocol: str, port: int, allow: bool) -> str:
+def _by_iptables(d: Decision) -> bool:
+    # iptables-nft writes tables nft shows as plain `ip filter` with upper-case chains;
+    # nft itself warns against editing those, so the fix goes through iptables
+    return d.family in ("ip", "ip6") and d.table == "filter" and d.chain.isupper()
+
+
+def _command(d: Decision, protocol: str, port: int, allow: bool, family: int) -> str:
     if d.manager == "ufw":
-        return f"ufw {'allow' if allow else 'deny'} {port}/{protocol}"
+        if allow:
+            return f"ufw allow {port}/{protocol}"
+        # ufw's own rules accept lo before any user rule; ahead of an explicit allow
+        where = "insert 1 " if d.chain.startswith(("ufw-user-", "ufw6-user-")) else ""
+        return f"ufw {where}deny {port}/{protocol}"
     if d.manager == "firewalld":
         zone = ""
         if d.chain.startswith("filter_IN_"):
             zone = " --zone=" + d.chain.removeprefix("filter_IN_").split("_")[0]
-        verb = "add" if allow else "remove"
-        return (
-            f"firewall-cmd --permanent{zone} --{verb}-port={port}/{protocol}"
-            " && firewall-cmd --reload"
+        if allow:
+            change = f"--add-port={port}/{protocol}"
+        else:
+            # a rich rule of no family covers both; firewalld accepts lo before any zone
+            change = f'--add-rich-rule=\'rule port port="{port}" protocol="{protocol}" drop\''
+        return f"firewall-cmd --permanent{zone} {change} && firewall-cmd --reload"
+    target = "ACCEPT" if allow else "DROP"
+    lo = "" if allow else "! -i lo "
+    # no table to point at: iptables' INPUT, as before nft existed (closing goes through
+    # firewall_fix, which picks the tool the host's other rules are written with)
+    if d.backend.startswith("iptables") or _by_iptables(d) or (not d.table and allow):
+        tool = "ip6tables" if d.family == "ip6" or family == 6 else "iptables"
+        chain = d.chain if _by_iptables(d) else "INPUT"
+        return f"{tool} -I {chain} {lo}-p {protocol} --dport {port} -j {target}"
+    if not d.table:
+        return ""
+    keep_lo = "" if allow else "iifname != lo "
+    return (
+        f"nft insert rule {d.family} {d.table} {d.chain} {keep_lo}{protocol} dport {port} "
+        f"{target.lower()}"
+    )
+
+
+def _nft_new_chain(families: Sequence[int], protocol: str, port: int) -> tuple[str, ...]:
+    """A table and input chain where the host has none for these families (nft add is a
+    no-op for what exists); its drop is final whatever other tables accept."""
+    fam = "inet" if len(set(families)) > 1 else ("ip6" if families[0] == 6 else "ip")
+    return (
+        f"nft add table {fam} filter",
+        f"nft 'add chain {fam} filter input {{ type filter hook input priority filter; }}'",
+        f"nft insert rule {fam} filter input iifname != lo {protocol} dport {port} drop",
+    )
+
+
+def _tool(ruleset: Ruleset | None) -> str:
+    """The tool the host's filter is written with: iptables or nft."""
+    chains = ruleset.chains if ruleset else ()
+    if any(c.backend.startswith("iptables") for c in chains) or any(
+        c.family in ("ip", "ip6") and c.table == "filter" and c.name.isupper() for c in chains
+    ):
+        return "iptables"
+    return "nft"
+
+
+def firewall_fix(
+    decisions: Sequence[tuple[int, Decision]],
+    ruleset: Ruleset | None,
+    protocol: str,
+    port: int,
+    allow: bool,
+) -> Fix | None:
+    """The commands that open (allow) or close a port for every address family the socket
+    takes, given the filter's decision for each family; None when none is needed."""
+    commands: list[str] = []
+    unfiltered: list[int] = []  # families with no input chain to put the rule in
+    wanted = Firewall.DROP if allow else Firewall.ACCEPT
+    change = opening_command if allow else closing_command
+    for family, d in decisions:
+        if d.verdict is not wanted:
+            continue
+        cmd = change(d, protocol, port, family)
+        if not cmd and not allow and _tool(ruleset) == "iptables":
+            tool = "ip6tables" if family == 6 else "iptables"
+            cmd = f"{tool} -I INPUT ! -i lo -p {protocol} --dport {port} -j DROP"
+        if cmd:
+            commands.append(cmd)
+        elif not allow:
+            unfiltered.append(family)
+    if unfiltered:
+        commands += _nft_new_chain(unfiltered, protocol, port)
+    commands = list(dict.fromkeys(commands))
+    if not commands:
+        return None
+    families = " and ".join(
+        dict.fromkeys("IPv4" if f == 4 else "IPv6" for f, d in decisions if d.verdict is wanted)
+    )
+    if allow:
+        summary = f"let other hosts in on {port}/{protocol} ({families})"
+    else:
+        summary = (
+            f"keep other hosts out of {port}/{protocol} at the firewall ({families}; "
+            f"loopback keeps working){_lasting(commands[0])}"
         )
-    target = "accept" if allow else "drop"
-    # iptables-nft writes tables nft shows as plain `ip filter` with upper-case chains;
-    # nft itself warns against editing those, so the fix goes through iptables
-    written_by_iptables = d.family in ("ip", "ip6") and d.table == "filter" and d.chain.isupper()
-    if d.backend.startswith("iptables") or not d.table or written_by_iptables:
-        tool = "ip6tables" if d.family == "ip6" else "iptables"
-        chain = d.chain if written_by_iptables else "INPUT"
-        return f"{tool} -I {chain} -p {protocol} --dport {port} -j {target.upper()}"
-    return f"nft insert rule {d.family} {d.table} {d.chain} {protocol} dport {port} {target}"
+    return Fix("firewall", summary, commands=tuple(commands))
 
 
-def bind_change(culprit: Culprit | None, port: int, host: str) -> list[str]:
+def _lasting(command: str) -> str:
+    """How the rule outlives a reboot, where the command alone does not make it last."""
+    if command.startswith("nft "):
+        return ": it lasts until reboot; keep it in /etc/nftables.conf"
+    if command.startswith(("iptables ", "ip6tables ")):
+        return ": it lasts until reboot; keep it with `netfilter-persistent save`"
+    return ""
+
+
+# --- the program's own setting ---
+
+
+def _sed_line(file: str, line: int, text: str) -> str:
+    """A sed command that sets line `line` of `file` to `text` (0: appends it)."""
+    body = text.replace("\\", "\\\\").replace("/", "\\/").replace("&", "\\&")
+    script = f"{line}s/.*/{body}/" if line else f"$a {text}"
+    return f"sed -i {shlex.quote(script)} {shlex.quote(file)}"
+
+
+def _sed_after(file: str, line: int, text: str) -> str:
+    return f"sed -i {shlex.quote(f'{line}a {text}')} {shlex.quote(file)}"
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def _edit(s: Setting, new: str, summary: str, restart: str) -> Fix:
+    """A config fix at a located setting: replace its line, or add it where it belongs."""
+    if s.line:
+        text = _indent(s.text) + new
+        where = f"{s.file} line {s.line}"
+        cmd = _sed_line(s.file, s.line, text)
+    elif s.section_line:
+        text, where = new, f"{s.file}, after line {s.section_line}"
+        cmd = _sed_after(s.file, s.section_line, new)
+    elif s.first:
+        text, where = new, f"{s.file}, as its first line"
+        cmd = f"sed -i {shlex.quote(f'1i {new}')} {shlex.quote(s.file)}"
+    else:
+        text, where = new, f"{s.file} (not set there now: the default applies)"
+        cmd = _sed_line(s.file, 0, new)
+    return Fix(
+        "config",
+        f"{summary}: `{new}` in {where}, then {restart}",
+        file=s.file,
+        line=s.line,
+        setting=text,
+        commands=(cmd,),
+    )
+
+
+def _wide(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
+def _redis(c: Culprit, port: int, host: str) -> list[Fix]:
+    # `-` before an address: redis starts even where that address does not exist
+    value = "* -::*" if _wide(host) else ("127.0.0.1 -::1" if host == "127.0.0.1" else host)
+    summary = "make Redis listen on " + value.replace(" -", " and ")
+    restart = "restart redis (keep protected-mode and requirepass)"
+    if c.settings:
+        return [_edit(c.settings[0], f"bind {value}", summary, restart)]
+    return [Fix("config", f"`bind {value}` in redis.conf, then {restart}", setting=f"bind {value}")]
+
+
+def _postgres(c: Culprit, port: int, host: str) -> list[Fix]:
+    # both loopbacks by address: "localhost" is only what /etc/hosts says (often IPv4 only);
+    # PostgreSQL starts on whichever of them it can bind
+    value = "*" if _wide(host) else ("127.0.0.1,::1" if host == "127.0.0.1" else host)
+    new = f"listen_addresses = '{value}'"
+    restart = "restart PostgreSQL" + (
+        "" if host == "127.0.0.1" else " (and allow the clients in pg_hba.conf)"
+    )
+    if c.settings:
+        s = c.settings[0]
+        if s.file.endswith("postgresql.auto.conf"):
+            cmd = f"psql -c \"ALTER SYSTEM SET listen_addresses = '{value}'\""
+            return [
+                Fix(
+                    "config",
+                    f"ALTER SYSTEM set it in {s.file} line {s.line}: `{cmd}`, then {restart}",
+                    file=s.file,
+                    line=s.line,
+                    setting=new,
+                    commands=(cmd,),
+                )
+            ]
+        return [_edit(s, new, "make PostgreSQL listen on " + value, restart)]
+    return [Fix("config", f"`{new}` in postgresql.conf, then {restart}", setting=new)]
+
+
+def _mysql(c: Culprit, port: int, host: str) -> list[Fix]:
+    value = "::" if _wide(host) else host
+    new = f"bind-address = {value}"
+    if c.settings:
+        return [_edit(c.settings[0], new, f"make it listen on {value}", "restart it")]
+    return [
+        Fix(
+            "config",
+            f"`{new}` under [mysqld] (my.cnf, or /etc/mysql/mariadb.conf.d/50-server.cnf), "
+            "then restart it",
+            setting=new,
+        )
+    ]
+
+
+def _nginx_value(value: str, host: str, port: int) -> str:
+    """The listen value in the same address family as `value`, moved to `host`."""
+    six = value.startswith("[")
+    if _wide(host):
+        return f"[::]:{port}" if six else str(port)
+    if host == "127.0.0.1":
+        return f"[::1]:{port}" if six else f"127.0.0.1:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _nginx(c: Culprit, port: int, host: str) -> list[Fix]:
+    fixes = []
+    six = any(s.value.startswith("[") for s in c.settings)
+    for s in c.settings:
+        old = re.search(r"listen\s+" + re.escape(s.value) + r"([^;]*);", s.text)
+        if old is None:
+            continue
+        options = old.group(1)
+        new = f"listen {_nginx_value(s.value, host, port)}{options};"
+        if _wide(host) and not six and not s.value.startswith("["):
+            # other hosts reach it over IPv6 too, as over IPv4
+            new += f" listen [::]:{port}{options.replace(' default_server', '')};"
+        if s.text.strip() != old.group(0):
+            # other directives share the line: say what to change, edit nothing blindly
+            fixes.append(
+                Fix(
+                    "config",
+                    f"in {s.file} line {s.line}: change `{old.group(0)}` to `{new}`, "
+                    "then `nginx -t` and reload nginx",
+                    file=s.file,
+                    line=s.line,
+                    setting=new,
+                )
+            )
+            continue
+        where = "every address" if _wide(host) else host
+        fixes.append(_edit(s, new, f"make nginx listen on {where}", "`nginx -t` and reload nginx"))
+    if fixes:
+        return fixes
+    return [
+        Fix(
+            "config",
+            f"`listen {_nginx_value('', host, port)};` in the server block (under "
+            "/etc/nginx/sites-enabled/), then `nginx -t` and reload nginx",
+        )
+    ]
+
+
+def _directive(
+    c: Culprit, name: str, value: str, label: str, restart: str, fallback_file: str, host: str
+) -> list[Fix]:
+    new = f"{name} {value}"
+    where = "every address" if _wide(host) else host
+    if c.settings:
+        return [_edit(s, new, f"make {label} listen on {where}", restart) for s in c.settings]
+    return [Fix("config", f"`{new}` in {fallback_file}, then {restart}", setting=new)]
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
+    kind = c.kind
+    h = _hostport(host, port)
+    if kind == "redis":
+        return _redis(c, port, host)
+    if kind == "postgres":
+        return _postgres(c, port, host)
+    if kind == "mysql":
+        return _mysql(c, port, host)
+    if kind == "nginx":
+        return _nginx(c, port, host)
+    if kind == "memcached":
+        value = "127.0.0.1,::1" if host == "127.0.0.1" else host
+        if c.settings:
+            return [
+                _edit(
+                    c.settings[0],
+                    f"-l {value}",
+                    "make memcached listen on " + value,
+                    "restart memcached",
+                )
+            ]
+        return [
+            Fix(
+                "command",
+                f"start memcached with `-l {value}` (`-l` in /etc/memcached.conf for the "
+                "Debian service), then restart memcached",
+                setting=f"-l {value}",
+            )
+        ]
+    if kind == "apache":
+        value = str(port) if _wide(host) else h
+        return _directive(
+            c,
+            "Listen",
+            value,
+            "Apache",
+            "`apachectl configtest` and restart Apache",
+            "/etc/apache2/ports.conf",
+            host,
+        )
+    if kind == "haproxy":
+        value = f":::{port} v4v6" if _wide(host) else h
+        return _directive(
+            c,
+            "bind",
+            value,
+            "HAProxy",
+            "reload HAProxy",
+            "the frontend of /etc/haproxy/haproxy.cfg",
+            host,
+        )
+    if kind == "mosquitto":
+        value = str(port) if _wide(host) else f"{port} {host}"
+        return _directive(
+            c,
+            "listener",
+            value,
+            "Mosquitto",
+            "restart mosquitto (a listener "
+            "beyond loopback needs allow_anonymous or a password_file)",
+            "/etc/mosquitto/conf.d/",
+            host,
+        )
+    if kind == "sshd":
+        value = "0.0.0.0" if _wide(host) else host
+        return _directive(
+            c,
+            "ListenAddress",
+            value,
+            "sshd",
+            "`sshd -t` and restart ssh",
+            "/etc/ssh/sshd_config",
+            host,
+        )
+    if kind == "epmd":
+        value = "127.0.0.1,::1" if host == "127.0.0.1" else host
+        if c.settings:
+            return [
+                _edit(
+                    c.settings[0],
+                    f"ERL_EPMD_ADDRESS={value}",
+                    "make epmd listen on " + value,
+                    "stop epmd and restart RabbitMQ",
+                )
+            ]
+        return [
+            Fix(
+                "config",
+                f"`ERL_EPMD_ADDRESS={value}` in the environment of epmd and "
+                "RabbitMQ (/etc/rabbitmq/rabbitmq-env.conf), then restart both",
+                setting=f"ERL_EPMD_ADDRESS={value}",
+            )
+        ]
+    if kind == "rabbitmq":
+        if c.evidence == DIST:
+            new = f"distribution.listener.interface = {host}"
+            return [
+                Fix(
+                    "config",
+                    f"`{new}` in /etc/rabbitmq/rabbitmq.conf, then restart RabbitMQ",
+                    file="/etc/rabbitmq/rabbitmq.conf",
+                    setting=new,
+                )
+            ]
+        new = f"listeners.tcp.default = {h}"
+        if c.settings:
+            return [
+                _edit(s, new, "make RabbitMQ listen on " + h, "restart RabbitMQ")
+                for s in c.settings
+            ]
+        return [
+            Fix(
+                "config",
+                f"`{new}` in /etc/rabbitmq/rabbitmq.conf, then restart RabbitMQ",
+                file="/etc/rabbitmq/rabbitmq.conf",
+                setting=new,
+            )
+        ]
+    if kind == "caddy":
+        return [
+            Fix(
+                "config",
+                f"`bind {host}` in the site block of /etc/caddy/Caddyfile "
+                "(or the global `default_bind`), then reload caddy",
+                file="/etc/caddy/Caddyfile",
+                setting=f"bind {host}",
+            )
+        ]
+    if kind == "java":
+        return [
+            Fix(
+                "command",
+                f"the server's address setting: Spring Boot `server.address={host}`"
+                f" (application.properties or -Dserver.address={host}), Tomcat `address="
+                f'"{host}"` on the Connector in server.xml, Jetty `jetty.http.host={host}`;'
+                " then restart it",
+            )
+        ]
+    return None
+
+
+def bind_change(culprit: Culprit | None, port: int, host: str) -> list[Fix]:
     """The concrete change that makes this program listen on `host` (an address)."""
-    h = f"[{host}]" if ":" in host else host
+    h = _hostport(host, port)
     kind = culprit.kind if culprit else ""
+    if culprit is not None:
+        found = _program_fixes(culprit, port, host)
+        if found is not None:
+            return found
     if kind == "flask":
+        assert culprit is not None
         module = program_base(culprit.script).removesuffix(".py") or "app"
         fixes = []
+        new = f'{culprit.var}.run(host="{host}", port={port})'
         if culprit.line:
             fixes.append(
-                f"in {culprit.script} line {culprit.line}: change `{culprit.call}` to "
-                f'`{culprit.var}.run(host="{host}", port={port})`'
+                Fix(
+                    "code",
+                    f"in {culprit.script} line {culprit.line}: change `{culprit.call}` to `{new}`",
+                    file=culprit.script,
+                    line=culprit.line,
+                    setting=new,
+                )
             )
         else:
-            fixes.append(f'call `app.run(host="{host}", port={port})`')
+            fixes.append(Fix("code", f'call `app.run(host="{host}", port={port})`'))
         fixes.append(
-            f"or, better outside development, serve it with gunicorn: "
-            f"`gunicorn -b {h}:{port} {module}:{culprit.var}` (or uWSGI: "
-            f"`uwsgi --http {h}:{port} --module {module}:{culprit.var}`)"
+            Fix(
+                "command",
+                f"or, better outside development, serve it with gunicorn: "
+                f"`gunicorn -b {h} {module}:{culprit.var}` (or uWSGI: "
+                f"`uwsgi --http {h} --module {module}:{culprit.var}`)",
+            )
         )
         return fixes
     if kind == "flask-cli":
         return [
-            f"`flask run --host={host} --port={port}` (or set FLASK_RUN_HOST={host})",
-            f"or serve it with gunicorn: `gunicorn -b {h}:{port} module:app`",
+            Fix(
+                "command", f"`flask run --host={host} --port={port}` (or set FLASK_RUN_HOST={host})"
+            ),
+            Fix("command", f"or serve it with gunicorn: `gunicorn -b {h} module:app`"),
         ]
     if kind == "django":
         return [
-            f"`python manage.py runserver {h}:{port}`, and add the host's name to "
-            "ALLOWED_HOSTS in settings.py",
-            f"or serve it with gunicorn: `gunicorn -b {h}:{port} project.wsgi`",
+            Fix(
+                "command",
+                f"`python manage.py runserver {h}`, and add the host's name to "
+                "ALLOWED_HOSTS in settings.py",
+            ),
+            Fix("command", f"or serve it with gunicorn: `gunicorn -b {h} project.wsgi`"),
         ]
     if kind == "gunicorn":
+        assert culprit is not None
         return [
-            f"`gunicorn -b {h}:{port} {culprit.app or 'module:app'}` "
-            f'(or bind = "{h}:{port}" in gunicorn.conf.py)'
+            Fix(
+                "command",
+                f"`gunicorn -b {h} {culprit.app or 'module:app'}` "
+                f'(or bind = "{h}" in gunicorn.conf.py)',
+            )
         ]
     if kind == "uvicorn":
+        assert culprit is not None
         if culprit.line:
+            new = f'uvicorn.run(app, host="{host}", port={port})'
             return [
-                f'in {culprit.script} line {culprit.line}: pass host="{host}" to '
-                f'uvicorn.run(): `uvicorn.run(app, host="{host}", port={port})`'
+                Fix(
+                    "code",
+                    f'in {culprit.script} line {culprit.line}: pass host="{host}" to '
+                    f"uvicorn.run(): `{new}`",
+                    file=culprit.script,
+                    line=culprit.line,
+                    setting=new,
+                )
             ]
-        return [f"`uvicorn {culprit.app or 'module:app'} --host {host} --port {port}`"]
+        return [
+            Fix("command", f"`uvicorn {culprit.app or 'module:app'} --host {host} --port {port}`")
+        ]
     if kind == "jupyter":
         return [
-            f"`jupyter lab --ip={host} --port={port}` (or c.ServerApp.ip = '{host}'); "
-            "keep its token or password: it runs code for whoever connects"
+            Fix(
+                "command",
+                f"`jupyter lab --ip={host} --port={port}` (or c.ServerApp.ip = '{host}'); "
+                "keep its token or password: it runs code for whoever connects",
+            )
         ]
     if kind == "http.server":
-        return [f"`python3 -m http.server --bind {host} {port}`"]
+        return [Fix("command", f"`python3 -m http.server --bind {host} {port}`")]
     if kind == "node":
         return [
-            f'`server.listen({port}, "{host}")` instead of "localhost" or "127.0.0.1" '
-            '(since Node 17 "localhost" may mean ::1 only), or set the host your '
-            "framework reads (HOST=" + host + ")"
+            Fix(
+                "code",
+                f'`server.listen({port}, "{host}")` instead of "localhost" or "127.0.0.1" '
+                '(since Node 17 "localhost" may mean ::1 only), or set the host your '
+                "framework reads (HOST=" + host + ")",
+            )
         ]
     if kind == "next":
-        return [f"`next start -H {host} -p {port}` (`next dev -H {host}` in development)"]
+        return [
+            Fix(
+                "command", f"`next start -H {host} -p {port}` (`next dev -H {host}` in development)"
+            )
+        ]
     if kind == "vite":
-        return [f"`vite --host {host} --port {port}` (or server.host in vite.config)"]
-    if kind == "redis":
         return [
-            f"`bind {host}` in redis.conf (keep protected-mode and requirepass), then restart redis"
+            Fix("command", f"`vite --host {host} --port {port}` (or server.host in vite.config)")
         ]
-    if kind == "mysql":
-        return [
-            f"`bind-address = {host}` under [mysqld] (my.cnf, or "
-            "/etc/mysql/mariadb.conf.d/50-server.cnf), then restart it"
-        ]
-    if kind == "postgres":
-        return [
-            f"`listen_addresses = '{host}'` in postgresql.conf (and a matching host line "
-            "in pg_hba.conf), then restart PostgreSQL"
-        ]
-    if kind == "memcached":
-        return [f"`-l {host}` in /etc/memcached.conf, then restart memcached"]
     if kind == "mongod":
         return [
-            f"`net.bindIp: {host}` in /etc/mongod.conf (or --bind_ip {host}), then restart mongod"
+            Fix(
+                "config",
+                f"`net.bindIp: {host}` in /etc/mongod.conf (or --bind_ip {host}), "
+                "then restart mongod",
+                file="/etc/mongod.conf",
+                setting=f"net.bindIp: {host}",
+            )
         ]
     if kind == "elasticsearch":
-        return [f"`network.host: {host}` in elasticsearch.yml, then restart it"]
+        return [
+            Fix(
+                "config",
+                f"`network.host: {host}` in elasticsearch.yml, then restart it",
+                setting=f"network.host: {host}",
+            )
+        ]
     if kind == "publisher":
         return [
-            f"publish it on {host}: `-p {h}:{port}:PORT_INSIDE` in `docker run` / `podman run` "
-            "(`ports:` in compose), then recreate the container"
+            Fix(
+                "command",
+                f"publish it on {host}: `-p {h}:PORT_INSIDE` in `docker run` / `podman run` "
+                "(`ports:` in compose), then recreate the container",
+            )
         ]
     if kind == "bindscope":
-        return [f"--web.listen-address={h}:{port}"]
-    return [f"make the program listen on {host}: look for its host, bind or listen setting"]
+        return [Fix("command", f"--web.listen-address={h}")]
+    return [
+        Fix(
+            "command",
+            f"make the program listen on {host}: look for its host, bind or listen setting",
+        )
+    ]
 
 
 def widen_host(expose: Exposure, addresses: tuple[HostAddress, ...]) -> str:

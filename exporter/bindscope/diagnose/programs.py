@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from bindscope.diagnose.settings import Setting
 from bindscope.model import (
     ProcessInfo,
 )
@@ -26,13 +27,25 @@ class Culprit:
     call: str = ""  # that line's text, stripped
     var: str = "app"  # the object whose run() is called; gunicorn's module:VAR
     app: str = ""  # module:app as gunicorn/uvicorn were given it
+    settings: tuple[Setting, ...] = ()  # where its listen address is set (settings.locate)
 
     @property
     def database(self) -> bool:
         return self.kind in _DATABASES
 
+    @property
+    def web_server(self) -> bool:
+        return self.kind in WEB_SERVERS
+
+    @property
+    def erlang_internal(self) -> bool:
+        """epmd and the Erlang distribution port: for a cluster's nodes, never clients."""
+        return self.kind == "epmd" or (self.kind == "rabbitmq" and self.evidence == DIST)
+
 
 _DATABASES = {"redis", "mysql", "postgres", "memcached", "mongod", "elasticsearch"}
+WEB_SERVERS = {"nginx", "apache", "haproxy", "caddy", "java"}
+DIST = "Erlang distribution port (inter-node)"
 _LABELS = {
     "flask": "Flask development server",
     "flask-cli": "Flask development server (flask run)",
@@ -52,6 +65,17 @@ _LABELS = {
     "elasticsearch": "Elasticsearch",
     "bindscope": "bindscope-exporter",
     "publisher": "a container runtime's port publisher",
+    "nginx": "nginx",
+    "apache": "Apache httpd",
+    "haproxy": "HAProxy",
+    "caddy": "Caddy",
+    "java": "Java server",
+    "mosquitto": "Mosquitto MQTT broker",
+    "rabbitmq": "RabbitMQ",
+    "epmd": "Erlang port mapper (epmd)",
+    "sshd": "OpenSSH server",
+    "dnsmasq": "dnsmasq",
+    "chrony": "chrony",
 }
 # the program's own name (comm or argv[0]'s basename) alone says what it is
 _BY_NAME = {
@@ -68,6 +92,35 @@ _BY_NAME = {
     "conmon": "publisher",
     "docker-proxy": "publisher",
     "rootlessport": "publisher",
+    "nginx": "nginx",
+    "apache2": "apache",
+    "httpd": "apache",
+    "haproxy": "haproxy",
+    "caddy": "caddy",
+    "mosquitto": "mosquitto",
+    "epmd": "epmd",
+    "sshd": "sshd",
+    "dnsmasq": "dnsmasq",
+    "chronyd": "chrony",
+}
+# RabbitMQ's ports beside AMQP's: the distribution port is AMQP's + 20000 by default
+_RABBIT_PORTS = {5672: "AMQP", 5671: "AMQP over TLS", 15672: "management UI", 25672: DIST}
+# what a well-known port is for, in the name of one of a program's several: "rabbitmq-amqp"
+ROLES = {
+    22: "ssh",
+    53: "dns",
+    67: "dhcp",
+    80: "http",
+    123: "ntp",
+    323: "ntp-control",
+    443: "https",
+    1883: "mqtt",
+    4369: "epmd",
+    5671: "amqps",
+    5672: "amqp",
+    8883: "mqtts",
+    15672: "management",
+    25672: "dist",
 }
 # a Python entry point (python -m X, or the console script X) and the kind it means
 _PY_TOOLS = {
@@ -133,12 +186,17 @@ def recognize(process: ProcessInfo, source: Source | None = None, port: int = 0)
     argv = process.cmdline or (process.name,)
     names = {process.name, program_base(argv[0]), argv[0].split(":", 1)[0]}
     for name in names:
-        kind = _BY_NAME.get(name)
+        kind = _BY_NAME.get(name.split(":", 1)[0])
         if kind:
-            return Culprit(kind, _LABELS[kind], f"process name {name}")
+            return Culprit(kind, _LABELS[kind], f"process name {name.split(':', 1)[0]}")
     joined = " ".join(argv)
     if "org.elasticsearch" in joined:
         return Culprit("elasticsearch", _LABELS["elasticsearch"], "java main class")
+    if process.name.startswith("beam") and "rabbit" in joined:
+        what = _RABBIT_PORTS.get(port, "listener")
+        return Culprit("rabbitmq", _LABELS["rabbitmq"], what)
+    if process.name == "java" or program_base(argv[0]) == "java":
+        return Culprit("java", _LABELS["java"], "process name java")
     if any(n.startswith("gunicorn") for n in names):
         return Culprit("gunicorn", _LABELS["gunicorn"], "process name", app=_app_argument(argv[1:]))
     if process.name in ("node", "nodejs", "npm", "npx") or program_base(argv[0]) in (

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from bindscope.classify import accepts_on, reachable_addresses
 from bindscope.diagnose.fixes import (
+    Fix,
+    advice,
     bind_change,
-    closing_command,
+    firewall_fix,
     narrow_host,
-    opening_command,
     widen_host,
 )
 from bindscope.diagnose.programs import Culprit
@@ -48,7 +49,7 @@ FIREWALL_CHECK = "a firewall may drop it: check with `nft list ruleset` / `iptab
 class Finding:
     title: str
     lines: tuple[str, ...] = ()
-    fixes: tuple[str, ...] = ()
+    fixes: tuple[Fix, ...] = ()
     problem: bool = False
     step: str = ""  # the step's name in the --json document: listening, addresses, ...
 
@@ -79,13 +80,14 @@ class Diagnosis:
     port: int
     subject: str  # "port 5000 (undeclared; ...)" or "service web (5000/tcp, ...)"
     findings: tuple[Finding, ...]
+    statuses: tuple[str, ...] = ()  # each judged service's status, in order
 
     @property
     def problem(self) -> bool:
         return any(f.problem for f in self.findings)
 
     @property
-    def fixes(self) -> tuple[str, ...]:
+    def fixes(self) -> tuple[Fix, ...]:
         return self.findings[-1].fixes if self.findings else ()
 
 
@@ -212,7 +214,9 @@ def step_probes(case: Case) -> Finding:
             else "only TCP services in the host's namespace are probed"
         )
         return Finding(title, (f"not probed: {why}",))
-    lines, fixes, problem = [], [], False
+    lines: list[str] = []
+    fixes: list[Fix] = []
+    problem = False
     for v in probed:
         width = max(len(p.address) for p in v.probes)
         tcp = [lst for lst in v.listeners if lst.socket.protocol is Protocol.TCP]
@@ -231,7 +235,9 @@ def step_probes(case: Case) -> Finding:
         if failed and not forwarded:
             problem = True
             names = ", ".join(p.address for p in failed)
-            fixes.append(f"it listens on {names} but connecting there fails: {FIREWALL_CHECK}")
+            fixes.append(
+                advice(f"it listens on {names} but connecting there fails: {FIREWALL_CHECK}")
+            )
     return Finding(title, tuple(lines), tuple(fixes), problem)
 
 
@@ -240,7 +246,7 @@ def _culprits_of(case: Case, v: Verdict) -> list[Culprit | None]:
     return found or [None]
 
 
-def _meaning(case: Case, v: Verdict) -> tuple[list[str], list[str]]:
+def _meaning(case: Case, v: Verdict) -> tuple[list[str], list[Fix]]:
     spec = v.service
     declared = "Declared" if case.declared else "Expected (by default)"
     port = f"{spec.port}/{spec.protocol.value}"
@@ -255,8 +261,10 @@ def _meaning(case: Case, v: Verdict) -> tuple[list[str], list[str]]:
                 f"{other[0].socket.protocol.value}."
             )
         return lines, [
-            f"start the service and check that it is configured for port "
-            f"{spec.port} ({spec.protocol.value})"
+            advice(
+                f"start the service and check that it is configured for port "
+                f"{spec.port} ({spec.protocol.value})"
+            )
         ]
     if st is Status.LOOPBACK_ONLY:
         host = widen_host(spec.expose, case.addresses)
@@ -287,7 +295,9 @@ def _meaning(case: Case, v: Verdict) -> tuple[list[str], list[str]]:
                 f"It listens on {addrs}, wide enough, but the host's packet filter drops new "
                 "connections from other hosts on every address: they time out."
             ],
-            [] if read else [f"the listener is fine, the firewall is not: {FIREWALL_CHECK}"],
+            []
+            if read
+            else [advice(f"the listener is fine, the firewall is not: {FIREWALL_CHECK}")],
         )
     if st is Status.WRONG_PROCESS:
         names = ", ".join(dict.fromkeys(lst.process.name for lst in v.listeners))
@@ -297,7 +307,12 @@ def _meaning(case: Case, v: Verdict) -> tuple[list[str], list[str]]:
                 f"It is reachable as declared, but held by {names}, not a process matching "
                 f"/{pattern}/: clients talk to the wrong program."
             ],
-            [f"stop {names} and start the intended service, or correct `process:` in the config"],
+            [
+                advice(
+                    f"stop {names} and start the intended service, or correct `process:` "
+                    "in the config"
+                )
+            ],
         )
     if st is Status.PROCESS_UNKNOWN:
         return (
@@ -305,21 +320,19 @@ def _meaning(case: Case, v: Verdict) -> tuple[list[str], list[str]]:
                 "It is reachable as declared; its owner could not be read, so `process:` "
                 "is not checked."
             ],
-            ["run bindscope as root or with CAP_SYS_PTRACE"],
+            [advice("run bindscope as root or with CAP_SYS_PTRACE")],
         )
+    effective = v.effective or v.exposure
     reach = {
         Exposure.LOOPBACK: "only this host",
         Exposure.PRIVATE: "hosts on its private networks",
         Exposure.PUBLIC: "any host that can route to it",
-    }[v.exposure]
+    }[effective]
     lines = [f"A client can connect from {reach}: {declared.lower()} {spec.expose.value}."]
     if v.exposure > Exposure.LOOPBACK:
-        lines.append(
-            "Not seen from here: a firewall may still drop other hosts (the probe "
-            "enters through lo): check with `nft list ruleset` / `iptables -S`."
-        )
+        lines.append(_filter_words(v))
     db = [c for c in _culprits_of(case, v) if c and c.database]
-    if db and not case.declared and v.exposure > Exposure.LOOPBACK:
+    if db and not case.declared and effective > Exposure.LOOPBACK:
         lines.append(
             f"{db[0].label} is usually for this host only: if so, declare it "
             "expose: loopback and bind it to 127.0.0.1."
@@ -327,8 +340,31 @@ def _meaning(case: Case, v: Verdict) -> tuple[list[str], list[str]]:
     return lines, []
 
 
+def _filter_words(v: Verdict) -> str:
+    """What the scan's firewall verdicts say about other hosts, for a wide listener."""
+    verdicts = {lst.firewall for lst in v.listeners if lst.exposure > Exposure.LOOPBACK}
+    if verdicts == {Firewall.DROP}:
+        return (
+            "The firewall drops new connections from other hosts on every address it listens "
+            "on (the firewall step names the rule): only this host gets in."
+        )
+    if verdicts == {Firewall.ACCEPT}:
+        return "The firewall lets other hosts in (the firewall step names the rule)."
+    if verdicts == {Firewall.DROP, Firewall.ACCEPT}:
+        return (
+            "The firewall drops other hosts on some of its addresses and lets them in on "
+            "others (the firewall step names the rules)."
+        )
+    return (
+        "Not seen from here: a firewall may still drop other hosts (the probe "
+        "enters through lo): check with `nft list ruleset` / `iptables -S`."
+    )
+
+
 def step_meaning(case: Case) -> Finding:
-    lines, fixes, problem = [], [], False
+    lines: list[str] = []
+    fixes: list[Fix] = []
+    problem = False
     for v in case.verdicts:
         spec = v.service
         head = (
@@ -358,7 +394,7 @@ def step_published(case: Case) -> Finding | None:
     if not case.published:
         return None
     lines: list[str] = []
-    fixes: list[str] = []
+    fixes: list[Fix] = []
     problem = False
     for p in case.published:
         where = f"container {p.container}" if p.container else f"netns {p.netns}"
@@ -395,7 +431,7 @@ def step_published(case: Case) -> Finding | None:
             )
             culprits = dict.fromkeys(case.culprit(lst) for lst in p.listeners) or {None: None}
             fixes += [
-                f"inside {where}: {fix}"
+                dataclasses.replace(fix, summary=f"inside {where}: {fix.summary}")
                 for c in culprits
                 for fix in bind_change(c, p.target_port, wide)
             ]
@@ -406,12 +442,16 @@ def step_published(case: Case) -> Finding | None:
                 f"clients of port {p.host_port} are refused"
             )
             fixes.append(
-                f"inside {where}: start the app and make it listen on {wide} port "
-                f"{p.target_port} ({p.protocol.value})"
+                advice(
+                    f"inside {where}: start the app and make it listen on {wide} port "
+                    f"{p.target_port} ({p.protocol.value})"
+                )
             )
         elif p.probe is not None and not p.probe.success:
             problem = True
-            fixes.append(f"it listens on {target} in {where}, the connect fails: {FIREWALL_CHECK}")
+            fixes.append(
+                advice(f"it listens on {target} in {where}, the connect fails: {FIREWALL_CHECK}")
+            )
         else:
             lines.append(f"  {p.status.value}: the app inside accepts on {target}")
     return Finding(
@@ -470,21 +510,24 @@ def step_firewall(case: Case) -> Finding | None:
             title, (f"the firewall {why} (reading it needs CAP_NET_ADMIN)", BY_HAND, *elsewhere)
         )
     lines: list[str] = []
-    fixes: list[str] = []
+    fixes: list[Fix] = []
     problem = False
     seen: set[tuple[str, str]] = set()
     interfaces = tuple({a.interface for a in outside} - {"lo", ""})
+    # per protocol: the service it belongs to and one decision per address family
+    families: dict[str, tuple[Verdict | None, dict[int, Decision]]] = {}
     for lst in wide:
         v = _verdict_of(case, lst)
         expose = v.service.expose if v else Exposure.PRIVATE
-        status = v.status if v else None
         proto = lst.socket.protocol.value
+        per_family = families.setdefault(proto, (v, {}))[1]
         for a in reachable_addresses(lst.socket, outside):
             if (proto, a.address) in seen:
                 continue
             seen.add((proto, a.address))
             ifaces = (lst.socket.device,) if lst.socket.device else interfaces
             d = evaluate(ruleset, proto, a.family, a.address, case.port, interfaces=ifaces)
+            per_family.setdefault(a.family, d)
             rule = deciding_rule(d)
             head = f"{proto} {a.address}:"
             if d.verdict is Firewall.ACCEPT:
@@ -501,29 +544,38 @@ def step_firewall(case: Case) -> Finding | None:
                         f"{head} the firewall accepts new connections from other hosts on "
                         f"{a.address}: {verdict} ({rule})"
                     )
-                if status is Status.OVEREXPOSED and expose is Exposure.LOOPBACK:
-                    fixes.append(
-                        "or keep other hosts out at the firewall as well: "
-                        f"`{closing_command(d, proto, case.port)}`"
-                    )
-                    problem = True
             elif d.verdict is Firewall.DROP:
                 lines.append(f"{head} the firewall drops other hosts: {rule}")
-                opening = opening_command(d, proto, case.port)
-                if status is Status.BLOCKED:
-                    fixes.append(f"let other hosts in on {case.port}/{proto}: `{opening}`")
-                    problem = True
-                elif expose is Exposure.LOOPBACK:
+                if expose is Exposure.LOOPBACK:
                     lines.append(
                         "  protected by the firewall alone: bind it to loopback as well, "
                         "so it does not depend on this rule"
                     )
-                else:
-                    lines.append(
-                        f"  other hosts get in on other addresses; to open this one: `{opening}`"
-                    )
+                elif v is None or v.status is not Status.BLOCKED:
+                    opening = firewall_fix([(a.family, d)], ruleset, proto, case.port, allow=True)
+                    if opening:
+                        shown = " && ".join(opening.commands)
+                        lines.append(
+                            f"  other hosts get in on other addresses; to open this one: `{shown}`"
+                        )
             else:
                 lines.append(f"{head} undecided: {d.reason} ({rule}); {BY_HAND}")
+    for proto, (v, per_family) in families.items():
+        decisions = sorted(per_family.items())
+        fix = None
+        if v is not None and v.status is Status.BLOCKED:
+            fix = firewall_fix(decisions, ruleset, proto, case.port, allow=True)
+        elif (
+            v is not None
+            and v.status is Status.OVEREXPOSED
+            and v.service.expose is Exposure.LOOPBACK
+        ):
+            fix = firewall_fix(decisions, ruleset, proto, case.port, allow=False)
+            if fix:
+                fix = dataclasses.replace(fix, summary="or, as well, " + fix.summary)
+        if fix:
+            fixes.append(fix)
+            problem = True
     return Finding(title, (*lines, *elsewhere), tuple(dict.fromkeys(fixes)), problem)
 
 
@@ -557,10 +609,11 @@ def diagnose(case: Case, steps: tuple[Step, ...] = STEPS) -> Diagnosis:
     ]
     fixes = tuple(dict.fromkeys(f for finding in findings for f in finding.fixes))
     if fixes:
-        lines = fixes
+        lines = tuple(f.summary for f in fixes)
     elif any(f.problem for f in findings):
         lines = ("see the findings above",)
     else:
         lines = ("nothing: it is reachable as expected",)
     final = Finding("What to change", lines, fixes, step="fixes")
-    return Diagnosis(case.port, subject(case), (*findings, final))
+    statuses = tuple(dict.fromkeys(v.status.value for v in case.verdicts))
+    return Diagnosis(case.port, subject(case), (*findings, final), statuses)

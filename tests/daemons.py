@@ -1,0 +1,481 @@
+"""Real daemons from Debian for the tests, each run as the test's own process, never as the
+system's service: in the server network namespace and a private mount namespace where its
+package's config directory (/etc/redis, /etc/nginx, ...) is a copy under a temporary
+directory, bind-mounted. So a fix names the package's real path, and applying it
+(`nsenter` into the daemon's mount and network namespaces, where an admin's shell on that
+host would be) edits only the copy."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import TOOL, TwoHosts, require_binary, run
+
+REFUSED = "ConnectionRefusedError: [Errno 111] Connection refused"
+TIMED_OUT = "TimeoutError: timed out"
+START_DEADLINE = 60.0  # seconds for a daemon to accept on loopback; generous for CI
+PG_BIN = "/usr/lib/postgresql/15/bin"
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """How to set one daemon up wrong, start it, and what its fix must reach."""
+
+    name: str
+    port: int
+    expose: str  # the declaration in bindscope's config
+    binary: str
+    mounts: tuple[str, ...]  # package directories replaced by copies under the temp dir
+    setup: Callable[[Path], None]  # writes the copies and data, misconfigured
+    command: Callable[[Path], str]  # the shell command that starts it in the foreground
+    wrong: str  # the status before the fix
+    file: str  # the file the fix must name, as the daemon sees it
+    line: Callable[[Path], int]  # the line of the wrong setting in that file
+    client_after: str  # what the client namespace gets after the fix: "ok" or REFUSED
+    loopback: tuple[str, ...] = ("127.0.0.1",)  # loopback addresses that must accept
+
+
+def _edit(path: Path, pattern: str, replacement: str) -> None:
+    text = path.read_text()
+    new, n = re.subn(pattern, replacement, text, flags=re.M)
+    assert n, f"{pattern!r} not in {path}"
+    path.write_text(new)
+
+
+def _line_of(path: Path, pattern: str) -> int:
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if re.match(pattern, line):
+            return n
+    raise AssertionError(f"{pattern!r} not in {path}")
+
+
+# --- redis: `bind * -::*` in Debian's own redis.conf, declared loopback ---
+
+
+def redis_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/redis", tmp / "etc/redis", symlinks=True)
+    conf = tmp / "etc/redis/redis.conf"
+    _edit(conf, r"^bind .*$", "bind * -::*")  # the admin's change: "let the app servers in"
+    # where the test keeps its state, in place of the service's directories
+    _edit(conf, r"^daemonize .*$", "daemonize no")
+    _edit(conf, r"^pidfile .*$", f"pidfile {tmp}/redis.pid")
+    _edit(conf, r"^logfile .*$", 'logfile ""')
+    _edit(conf, r"^dir .*$", f"dir {tmp}")
+
+
+REDIS = Daemon(
+    name="redis",
+    port=6379,
+    expose="loopback",
+    binary="redis-server",
+    mounts=("/etc/redis",),
+    setup=redis_setup,
+    command=lambda tmp: "redis-server /etc/redis/redis.conf",
+    wrong="overexposed",
+    file="/etc/redis/redis.conf",
+    line=lambda tmp: _line_of(tmp / "etc/redis/redis.conf", r"^bind "),
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+)
+
+
+# --- nginx: `listen 127.0.0.1:80` in a sites-enabled file, declared private ---
+
+NGINX_CONF = """\
+pid {tmp}/nginx.pid;
+error_log stderr;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    include /etc/nginx/sites-enabled/*;
+}}
+"""
+NGINX_SITE = """\
+server {{
+    listen 127.0.0.1:80;
+    root {tmp}/www;
+}}
+"""
+
+
+def nginx_setup(tmp: Path) -> None:
+    (tmp / "etc/nginx/sites-enabled").mkdir(parents=True)
+    (tmp / "www").mkdir()
+    (tmp / "www/index.html").write_text("hello\n")
+    (tmp / "etc/nginx/nginx.conf").write_text(NGINX_CONF.format(tmp=tmp))
+    (tmp / "etc/nginx/sites-enabled/shop").write_text(NGINX_SITE.format(tmp=tmp))
+
+
+NGINX = Daemon(
+    name="web",
+    port=80,
+    expose="private",
+    binary="nginx",
+    mounts=("/etc/nginx",),
+    setup=nginx_setup,
+    command=lambda tmp: "nginx -g 'daemon off;'",
+    wrong="loopback_only",
+    file="/etc/nginx/sites-enabled/shop",
+    line=lambda tmp: 2,
+    client_after="ok",
+)
+
+
+# --- PostgreSQL: listen_addresses = '*' in /etc/postgresql/15/main, declared loopback ---
+
+
+def postgres_setup(tmp: Path) -> None:
+    data = tmp / "data"
+    data.mkdir(mode=0o700)
+    shutil.chown(data, "postgres", "postgres")
+    run("setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
+        f"{PG_BIN}/initdb", "-D", str(data), "--auth=trust", timeout=120)  # fmt: skip
+    conf = tmp / "etc/postgresql/15/main"
+    conf.mkdir(parents=True)
+    (conf / "postgresql.conf").write_text(
+        f"data_directory = '{data}'\n"
+        "port = 5432\n"
+        "listen_addresses = '*'\t\t# what port to listen on, as the admin opened it\n"
+        f"unix_socket_directories = '{tmp}/run'\n"
+    )
+    (tmp / "run").mkdir()
+    shutil.chown(tmp / "run", "postgres", "postgres")
+    shutil.chown(conf / "postgresql.conf", "postgres", "postgres")
+
+
+POSTGRES = Daemon(
+    name="db",
+    port=5432,
+    expose="loopback",
+    binary=f"{PG_BIN}/postgres",
+    mounts=("/etc/postgresql",),
+    setup=postgres_setup,
+    command=lambda tmp: (
+        "exec setpriv --reuid=postgres --regid=postgres --init-groups "
+        f"{PG_BIN}/postgres -D {tmp}/data "
+        "-c config_file=/etc/postgresql/15/main/postgresql.conf"
+    ),
+    wrong="overexposed",
+    file="/etc/postgresql/15/main/postgresql.conf",
+    line=lambda tmp: 3,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+)
+
+
+# --- MariaDB: bind-address = 0.0.0.0 in Debian's 50-server.cnf, declared loopback ---
+
+
+def mariadb_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/mysql", tmp / "etc/mysql", symlinks=True)
+    # Debian's my.cnf is a link through /etc/alternatives: make it a file in the copy
+    my = tmp / "etc/mysql/my.cnf"
+    text = Path("/etc/mysql/mariadb.cnf").read_text()
+    my.unlink()
+    my.write_text(text)
+    server = tmp / "etc/mysql/mariadb.conf.d/50-server.cnf"
+    _edit(server, r"^#?bind-address\s*=.*$", "bind-address            = 0.0.0.0")
+    _edit(server, r"^#?datadir\s*=.*$", f"datadir = {tmp}/mysql")
+    run_dir = tmp / "run"  # its socket, pid and log: written as the mysql user
+    _edit(server, r"^#?pid-file\s*=.*$", f"pid-file = {run_dir}/mysqld.pid")
+    _edit(server, r"^\[mysqld\]$", f"[mysqld]\nsocket = {run_dir}/sock\nlog-error = {run_dir}/err")
+    for d in (tmp / "mysql", run_dir):
+        d.mkdir()
+        shutil.chown(d, "mysql", "mysql")
+    run("mariadb-install-db", "--user=mysql", f"--datadir={tmp}/mysql",
+        "--auth-root-authentication-method=socket", "--skip-test-db", timeout=180)  # fmt: skip
+
+
+MARIADB = Daemon(
+    name="mariadb",
+    port=3306,
+    expose="loopback",
+    binary="mariadbd",
+    mounts=("/etc/mysql",),
+    setup=mariadb_setup,
+    command=lambda tmp: "exec mariadbd --user=mysql",
+    wrong="overexposed",
+    file="/etc/mysql/mariadb.conf.d/50-server.cnf",
+    line=lambda tmp: _line_of(tmp / "etc/mysql/mariadb.conf.d/50-server.cnf", r"^bind-address"),
+    client_after=REFUSED,
+)
+
+# --- memcached: `-l 0.0.0.0` in /etc/memcached.conf, started as Debian's unit does ---
+
+
+def memcached_setup(tmp: Path) -> None:
+    upper = tmp / "etc-upper"
+    upper.mkdir()
+    (tmp / "etc-work").mkdir()
+    conf = Path("/etc/memcached.conf").read_text()
+    conf = re.sub(r"(?m)^-l .*$", "-l 0.0.0.0", conf)  # the admin's change
+    # the pid file where the test keeps its state (the wrapper keeps it in the foreground)
+    conf = re.sub(r"(?m)^-P .*$", f"-P {tmp}/memcached.pid", conf)
+    (upper / "memcached.conf").write_text(conf)
+
+
+MEMCACHED_CONF = "/etc/memcached.conf"
+MEMCACHED = Daemon(
+    name="cache",
+    port=11211,
+    expose="loopback",
+    binary="memcached",
+    mounts=(),
+    setup=memcached_setup,
+    # /etc itself is an overlay on the copy: the file lies in /etc, not in a directory
+    # of its own that a bind mount could replace
+    command=lambda tmp: (
+        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp}/etc-upper,"
+        f"workdir={tmp}/etc-work /etc && "
+        f"exec /usr/share/memcached/scripts/systemd-memcached-wrapper {MEMCACHED_CONF}"
+    ),
+    wrong="overexposed",
+    file=MEMCACHED_CONF,
+    line=lambda tmp: _line_of(tmp / "etc-upper/memcached.conf", r"^-l "),
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+)
+
+
+# --- mosquitto: Debian's config, no listener (local only since 2.0), declared private ---
+
+
+def mosquitto_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/mosquitto", tmp / "etc/mosquitto", symlinks=True)
+    conf = tmp / "etc/mosquitto/mosquitto.conf"
+    _edit(conf, r"^pid_file .*$", "")  # it writes one as its own user: none is needed
+    _edit(conf, r"^persistence true$", "persistence false")
+    _edit(conf, r"^log_dest file .*$", "log_dest stderr")
+
+
+MOSQUITTO = Daemon(
+    name="mqtt",
+    port=1883,
+    expose="private",
+    binary="mosquitto",
+    mounts=("/etc/mosquitto",),
+    setup=mosquitto_setup,
+    command=lambda tmp: "mosquitto -c /etc/mosquitto/mosquitto.conf",
+    wrong="loopback_only",
+    file="/etc/mosquitto/mosquitto.conf",
+    line=lambda tmp: 0,  # no listener line: the fix adds one
+    client_after="ok",
+)
+
+# --- HAProxy: a frontend bound to 127.0.0.1, declared private ---
+
+HAPROXY_FRONTEND = """
+frontend shop
+    bind 127.0.0.1:8080
+    http-request return status 200 content-type text/plain string ok
+"""
+
+
+def haproxy_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/haproxy", tmp / "etc/haproxy", symlinks=True)
+    conf = tmp / "etc/haproxy/haproxy.cfg"
+    # the parts that need the service's own directories and syslog
+    for line in (r"^\s*log /dev/log.*$", r"^\s*chroot .*$", r"^\s*stats socket .*$"):
+        _edit(conf, line, "")
+    conf.write_text(conf.read_text() + HAPROXY_FRONTEND)
+
+
+HAPROXY = Daemon(
+    name="shop",
+    port=8080,
+    expose="private",
+    binary="haproxy",
+    mounts=("/etc/haproxy",),
+    setup=haproxy_setup,
+    # as Debian's unit runs it: master and worker, in the foreground
+    command=lambda tmp: "haproxy -Ws -f /etc/haproxy/haproxy.cfg -db",
+    wrong="loopback_only",
+    file="/etc/haproxy/haproxy.cfg",
+    line=lambda tmp: _line_of(tmp / "etc/haproxy/haproxy.cfg", r"^\s*bind 127"),
+    client_after="ok",
+)
+
+
+# --- Apache: `Listen 127.0.0.1:80` in Debian's ports.conf, declared private ---
+
+
+def apache_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/apache2", tmp / "etc/apache2", symlinks=True)
+    _edit(tmp / "etc/apache2/ports.conf", r"^Listen 80$", "Listen 127.0.0.1:80")
+    envvars = tmp / "etc/apache2/envvars"
+    for name in ("PID_FILE", "RUN_DIR", "LOCK_DIR", "LOG_DIR"):
+        where = f"{tmp}/apache2.pid" if name == "PID_FILE" else f"{tmp}/{name.lower()}"
+        _edit(envvars, rf"^export APACHE_{name}=.*$", f"export APACHE_{name}={where}")
+    for d in ("run_dir", "lock_dir", "log_dir"):
+        (tmp / d).mkdir()
+
+
+APACHE = Daemon(
+    name="site",
+    port=80,
+    expose="private",
+    binary="apache2",
+    mounts=("/etc/apache2",),
+    setup=apache_setup,
+    command=lambda tmp: "apache2ctl -D FOREGROUND",
+    wrong="loopback_only",
+    file="/etc/apache2/ports.conf",
+    line=lambda tmp: _line_of(tmp / "etc/apache2/ports.conf", r"^Listen 127"),
+    client_after="ok",
+)
+
+DAEMONS = [REDIS, NGINX, POSTGRES, MARIADB, MEMCACHED, MOSQUITTO, HAPROXY, APACHE]
+
+
+class Running:
+    """One daemon in the server namespace and its own mount namespace; always stopped."""
+
+    def __init__(self, hosts: TwoHosts, daemon: Daemon, tmp: Path) -> None:
+        self.hosts, self.daemon, self.tmp = hosts, daemon, tmp
+        self.proc: subprocess.Popen | None = None
+        self.log = tmp / "daemon.log"
+
+    def start(self) -> None:
+        mounts = [
+            f"mount --bind {shlex.quote(str(self.tmp) + m)} {shlex.quote(m)}"
+            for m in self.daemon.mounts
+        ]
+        command = self.daemon.command(self.tmp)
+        script = " && ".join([*mounts, command if "exec " in command else f"exec {command}"])
+        with open(self.log, "ab") as log:
+            # sh, unshare and ip netns exec all exec: the pid is the daemon's own
+            self.proc = subprocess.Popen(
+                [*self.hosts.prefix(self.hosts.server), "unshare", "--mount",
+                 "--propagation", "private", "sh", "-c", script],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.wait_accepting()
+
+    def wait_accepting(self) -> None:
+        """Until it accepts on 127.0.0.1 (one bounded loop inside the namespace)."""
+        code = (
+            "import socket,sys,time\n"
+            f"end=time.monotonic()+{START_DEADLINE}\n"
+            "while time.monotonic()<end:\n"
+            "    try:\n"
+            f"        socket.create_connection(('127.0.0.1',{self.daemon.port}),1).close()\n"
+            "        sys.exit(0)\n"
+            "    except OSError:\n"
+            "        time.sleep(0.1)\n"
+            "sys.exit(1)\n"
+        )
+        r = run(*self.hosts.prefix(self.hosts.server), sys.executable, "-c", code,
+                check=False, timeout=START_DEADLINE + 10)  # fmt: skip
+        assert r.returncode == 0, f"{self.daemon.name} did not start: {self.log.read_text()}"
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        group = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+        # until the whole group is gone: a master (apache2ctl's apache2) may outlive its
+        # starter while its children finish, and still hold the port
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self._alive(group):
+            self.proc.poll()
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    @staticmethod
+    def _alive(group: int) -> bool:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def run_as_admin(self, command: str) -> subprocess.CompletedProcess:
+        """A printed command, run where the admin's shell on that host would run it."""
+        assert self.proc is not None
+        return run("nsenter", "-t", str(self.proc.pid), "-m", "-n", "sh", "-c", command)
+
+    def file(self, path: str) -> Path:
+        assert self.proc is not None
+        return Path(f"/proc/{self.proc.pid}/root{path}")
+
+
+@pytest.fixture(name="workdir")
+def workdir_fixture() -> Iterator[Path]:
+    # readable by the daemons' own users (pytest's tmp_path is root's alone)
+    path = Path(tempfile.mkdtemp(prefix="bindscope-daemon-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(name="running")
+def running_fixture(two_hosts: TwoHosts, workdir: Path, request) -> Iterator[Running]:
+    daemon: Daemon = request.param
+    require_binary(daemon.binary, "unshare", "nsenter", "setpriv")
+    daemon.setup(workdir)
+    r = Running(two_hosts, daemon, workdir)
+    (workdir / "bindscope.yml").write_text(
+        "probe:\n  timeout: 500ms\nservices:\n"
+        f"  - {{name: {daemon.name}, port: {daemon.port}, expose: {daemon.expose}}}\n"
+    )
+    try:
+        r.start()
+        yield r
+    finally:
+        r.stop()
+
+
+def tool(r: Running, *args: str) -> tuple[int, str]:
+    p = subprocess.run(
+        [*r.hosts.prefix(r.hosts.server), *TOOL, *args, "--config.file",
+         str(r.tmp / "bindscope.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode in (0, 1), p.stderr
+    return p.returncode, p.stdout
+
+
+def status(r: Running) -> str:
+    return json.loads(tool(r, "scan", "--json")[1])["services"][0]["status"]
+
+
+def diagnose(r: Running) -> dict:
+    code, out = tool(r, "diagnose", str(r.daemon.port), "--json")
+    doc = json.loads(out)
+    assert (code == 1) == (doc["result"] == "problem"), out
+    return doc
+
+
+def loopback(r: Running, address: str) -> str:
+    code = f"import socket;socket.create_connection(({address!r},{r.daemon.port}),2).close()"
+    p = r.hosts.exec(r.hosts.server, sys.executable, "-c", code, check=False)
+    return "ok" if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
+
+
+def clients(r: Running) -> dict[str, str]:
+    return {a: r.hosts.connect(a, r.daemon.port) for a in (TwoHosts.SERVER4, TwoHosts.SERVER6)}
