@@ -17,7 +17,9 @@ from bindscope.config.load import Config
 from bindscope.diagnose.case import TargetError, diagnosis_of, resolve_target
 from bindscope.diagnose.document import to_document
 from bindscope.judge import judge
-from bindscope.model import Firewall, Scope, Snapshot, Verdict
+from bindscope.model import HOST_NETNS, Firewall, Scope, Snapshot, Verdict
+from bindscope.netfilter.read import read_ruleset
+from bindscope.netfilter.ruleset import Ruleset
 
 log = logging.getLogger("bindscope.web")
 
@@ -73,6 +75,8 @@ class Api:
     def __init__(self, snapshot: Callable[[], Snapshot | None], config: Callable[[], Config]):
         self._snapshot = snapshot
         self._config = config
+        # the host's packet filter as diagnose names its rules: read at most once a scan
+        self._rulesets: tuple[float, dict[str, tuple[Ruleset | None, str]]] = (-1.0, {})
 
     def __call__(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes]:
         handlers = {"/api/v1/services": self._services, "/api/v1/diagnose": self._diagnose}
@@ -100,7 +104,12 @@ class Api:
             port, specs, declared = resolve_target(target, config)
         except TargetError as e:
             return _error(400, str(e))
-        doc = to_document(diagnosis_of(target, snap, config, config.probe.enabled), target)
+        if self._rulesets[0] != snap.timestamp:
+            self._rulesets = (snap.timestamp, {HOST_NETNS: read_ruleset()})
+        diagnosis = diagnosis_of(
+            target, snap, config, config.probe.enabled, rulesets=self._rulesets[1]
+        )
+        doc = to_document(diagnosis, target)
         names = {s.name for s in specs}
         verdicts = [v for v in snap.verdicts if v.service.name in names]
         if not declared:
