@@ -505,3 +505,16 @@ def test_diagnosis_of_a_snapshot_judges_an_undeclared_port():
     d = diagnosis_of("5000", snap, Config(), probed=False)
     assert d.problem
     assert "loopback" in " ".join(line for f in d.findings for line in f.lines)
+
+
+def test_the_flask_fix_points_at_the_call_in_the_code_not_in_a_docstring():
+    fixture = Path(__file__).parent / "fixtures" / "flask_app.py"
+    text = fixture.read_text()
+    culprit = recognize(
+        ProcessInfo(pid=7, name="python3", cmdline=("python3", str(fixture))),
+        Source(str(fixture), text),
+        5000,
+    )
+    assert culprit is not None and culprit.kind == "flask"
+    # the docstring's `app.run()` (line 1) and the host='0.0.0.0' branch are not it
+    assert text.splitlines()[culprit.line - 1].strip() == "app.run()"

@@ -3,6 +3,7 @@ the Culprit that diagnose explains and init names services after."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from dataclasses import dataclass
@@ -258,21 +259,50 @@ def _python(argv: tuple[str, ...], source: Source | None, port: int) -> Culprit 
     return None
 
 
-def _from_source(script: str, source: str) -> Culprit | None:
-    lines = source.splitlines()
-    if _FLASK_IMPORT_RE.search(source):
+def _run_calls(source: str, lines: list[str]) -> list[tuple[int, str, str]]:
+    """(line, line text, object name) of each `X.run(...)` call in the code: those that
+    name no host first, then in the order of the file.
+
+    Parsed, so a call written in a docstring or a string is not taken for the real one;
+    a script that does not parse (another Python's syntax) is read line by line.
+    """
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        found = []
         for n, text in enumerate(lines, 1):
             m = _RUN_CALL_RE.match(text)
             if m:
-                return Culprit(
-                    "flask",
-                    _LABELS["flask"],
-                    f"{script} imports flask",
-                    script=script,
-                    line=n,
-                    call=text.strip(),
-                    var=m.group(1),
-                )
+                found.append((n, text, m.group(1)))
+        return found
+    calls = [
+        # a call that names no host binds 127.0.0.1: the one to point at comes first
+        (bool(node.args) or any(k.arg == "host" for k in node.keywords), node.lineno,
+         lines[node.lineno - 1], node.func.value.id)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "run"
+        and isinstance(node.func.value, ast.Name)
+    ]  # fmt: skip
+    return [(n, text, var) for _, n, text, var in sorted(calls)]
+
+
+def _from_source(script: str, source: str) -> Culprit | None:
+    lines = source.splitlines()
+    if _FLASK_IMPORT_RE.search(source):
+        calls = _run_calls(source, lines)
+        if calls:
+            n, text, var = calls[0]
+            return Culprit(
+                "flask",
+                _LABELS["flask"],
+                f"{script} imports flask",
+                script=script,
+                line=n,
+                call=text.strip(),
+                var=var,
+            )
         return Culprit("flask", _LABELS["flask"], f"{script} imports flask", script=script)
     for n, text in enumerate(lines, 1):
         if _UVICORN_RUN_RE.match(text):
