@@ -329,8 +329,9 @@ def test_diagnose_flask_app_run_names_the_fix(tmp_path: Path, flask_app: int):
     ) in out
     assert f"`gunicorn -b 0.0.0.0:{port} app:app`" in out
     assert out.rstrip().endswith("Result: PROBLEM (loopback_only)")
-    # one scan and one round of probes: about a second at worst, whatever the host runs
-    assert elapsed < 5, elapsed
+    # one scan and one round of probes, not one per address in turn: bounded, with room
+    # for a busy host
+    assert elapsed < 30, elapsed
 
 
 def test_diagnose_by_service_name(tmp_path: Path, flask_app: int):

@@ -289,4 +289,5 @@ def test_probes_are_a_signal_apart_from_the_status(
     assert server.hosts.connect(S4, 7000, timeout=1.0) == TIMED_OUT
     if not probed:
         duration = m.get("bindscope_probe_duration_seconds", service="app", address=S4)
-        assert PROBE_TIMEOUT <= duration < PROBE_TIMEOUT + 0.5
+        # it waited the whole timeout, and then gave up (the bound is loose: a busy host)
+        assert PROBE_TIMEOUT <= duration < PROBE_TIMEOUT + 5
