@@ -232,13 +232,14 @@ def test_hundred_concurrent_scrapers_for_ten_seconds(shared_exporter):
     scrape_raw(shared_exporter.port)
 
 
-# a process that, for `seconds`, forks children that each open a few listeners on
-# loopback and exit after a few ms, while it opens and closes listeners itself
+# a process that forks `count` children (for at most `seconds`) that each open a few
+# listeners on loopback and exit after a few ms, while it opens and closes listeners itself
 CHURN = r"""
 import os, random, socket, sys, time
 end = time.monotonic() + float(sys.argv[1])
+count = int(sys.argv[2])
 spawned = 0
-while time.monotonic() < end and spawned < 3000:
+while time.monotonic() < end and spawned < count:
     pid = os.fork()
     if pid == 0:
         held = []
@@ -269,18 +270,21 @@ print(spawned)
 """
 
 
-def churn(seconds: float) -> subprocess.Popen:
+def churn(count: int, seconds: float = 60.0) -> subprocess.Popen:
+    """The churn runs until `count` processes were forked; `seconds` only caps it."""
     return subprocess.Popen(
-        [sys.executable, "-c", CHURN, str(seconds)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHURN, str(seconds), str(count)], stdout=subprocess.PIPE, text=True
     )
 
 
 def test_churn_of_processes_and_listeners_while_the_exporter_scans(exporter):
     exp = exporter(FAST.replace("200ms", "100ms", 1))
-    proc = churn(4.0)
+    proc = churn(400)
     try:
         scrapes = 0
-        while proc.poll() is None:
+        # scrapes all through the churn, and at least ten of them however fast it ends
+        deadline = time.monotonic() + 90
+        while (proc.poll() is None or scrapes < 10) and time.monotonic() < deadline:
             m = scrape_raw(exp.port)
             assert m.get("bindscope_scan_success") == 1.0
             scrapes += 1
@@ -290,7 +294,7 @@ def test_churn_of_processes_and_listeners_while_the_exporter_scans(exporter):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert spawned >= 400, f"only {spawned} processes in 4 s: not a churn"
+    assert spawned == 400, f"only {spawned} processes forked within the cap: not a churn"
     assert scrapes >= 10
     # the scan thread is not stuck: scans keep completing after the churn
     first = scrape_raw(exp.port).get("bindscope_last_scan_timestamp_seconds")
@@ -300,16 +304,14 @@ def test_churn_of_processes_and_listeners_while_the_exporter_scans(exporter):
         what="a scan after the churn",
     )
     assert scrape_raw(exp.port).get("bindscope_scan_errors_total", source="scan") == 0
-    # and it still stops promptly
-    t0 = time.monotonic()
+    # and it still stops on SIGTERM (stop() kills it after 5 s and would return -9)
     assert exp.stop() == 0
-    assert time.monotonic() - t0 < 5
 
 
 def test_churn_in_process_never_fails_a_scan():
     scanner = Scanner(namespaces=False, firewall=False, published=False)
     config = parse_config("probe: {enabled: false}\n", "churn.yml")
-    proc = churn(3.0)
+    proc = churn(300)
     snapshots = 0
     try:
         deadline = time.monotonic() + 20
