@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TOOL, TwoHosts, require_binary, run
+from support import TOOL, TwoHosts, require_binary, run
 
 REFUSED = "ConnectionRefusedError: [Errno 111] Connection refused"
 TIMED_OUT = "TimeoutError: timed out"

@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import run
 from prometheus_client.parser import text_string_to_metric_families
+from support import run
 
 AGENT = str(Path(__file__).with_name("netlab_agent.py"))
 LINKS = (

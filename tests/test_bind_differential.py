@@ -12,8 +12,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import require_binary, require_root
 from netlab import PROBE_TIMEOUT, SERVER_ADDRESSES, Bind, Lab, samples
+from support import require_binary, require_root
 
 pytestmark = [pytest.mark.root]
 

@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_binary
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support import require_binary
 
 from bindscope.collector.runtime import ReloadState, RuntimeCollector
 from bindscope.collector.snapshot import SnapshotCollector, render

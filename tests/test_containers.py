@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import PODMAN_SUBNET, free_port, wait_for
+from support import PODMAN_SUBNET, free_port, wait_for
 
 from bindscope.discover.containers import ContainerNames, ContainerRef, container_from_cgroup
 from bindscope.discover.namespaces import (

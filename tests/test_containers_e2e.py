@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import (
+from support import (
     EXPORTER,
     TOOL,
     Metrics,

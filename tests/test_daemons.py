@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TwoHosts, require_binary
 from daemons import (  # noqa: F401  (the fixtures are used by name)
     DAEMONS,
     REDIS,
@@ -22,6 +21,7 @@ from daemons import (  # noqa: F401  (the fixtures are used by name)
     status,
     workdir_fixture,
 )
+from support import TwoHosts, require_binary
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, require_binary
+from support import REPO, require_binary
 
 from mixin import FLEET_PATH, HOST_PATH, generate
 from mixin.dashboards import SCHEMA_VERSION, dashboard_queries

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import load_ruleset
+from support import load_ruleset
 
 from bindscope.classify import exposure_of, host_address, scope_of
 from bindscope.diagnose.steps import BY_HAND, Case, diagnose, step_firewall

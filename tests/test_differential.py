@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import require_binary, require_root
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from netlab import PROBE_TIMEOUT, Bind, Lab, Tally, compare, config_for, probe_all
+from support import require_binary, require_root
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 

@@ -8,7 +8,7 @@ import subprocess
 import urllib.request
 
 import pytest
-from conftest import EXPORTER, Metrics, free_port, require_binary, wait_for
+from support import EXPORTER, Metrics, free_port, require_binary, wait_for
 
 # Probes go to loopback only: tests never send traffic to the host's other addresses.
 PROBE_LOOPBACK = """\

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import load_ruleset, require_binary, require_root
+from support import load_ruleset, require_binary, require_root
 
 from bindscope.diagnose.fixes import closing_command, opening_command
 from bindscope.model import Firewall

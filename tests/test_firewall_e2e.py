@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TOOL, Metrics, TwoHosts, require_binary, wait_for
+from support import TOOL, Metrics, TwoHosts, require_binary, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

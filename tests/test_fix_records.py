@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import load_ruleset
+from support import load_ruleset
 
 from bindscope.cli.output import Paint, render_diagnosis
 from bindscope.diagnose.document import fix_document

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import (
+from support import (
     PODMAN,
     REPO,
     Metrics,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, require_binary
+from support import REPO, require_binary
 
 from mixin import FLEET_PATH, HOST_PATH, JSONNET_DIR, RULES_PATH, generate
 from mixin.jsonnet import default_config

@@ -11,7 +11,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import TwoHosts, require_binary, run
 from daemons import (  # noqa: F401  (the fixtures are used by name)
     REDIS,
     Running,
@@ -19,6 +18,7 @@ from daemons import (  # noqa: F401  (the fixtures are used by name)
     running_fixture,
     workdir_fixture,
 )
+from support import TwoHosts, require_binary, run
 
 from bindscope.classify import exposure_of, host_address, scope_of
 from bindscope.model import (

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from conftest import free_port, wait_for
 from prometheus_client import CollectorRegistry
+from support import free_port, wait_for
 from test_webconfig import PKI, pki  # noqa: F401  (the throwaway CA and certificates)
 
 from bindscope.collector.peers import PeerCollector

@@ -25,7 +25,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 import yaml
-from conftest import TOOL, Exporter, Metrics, require_binary, require_root, run, wait_for
+from support import TOOL, Exporter, Metrics, require_binary, require_root, run, wait_for
 
 from mixin.rules import RulesConfig, render
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, Exporter, free_port, require_binary, wait_for
+from support import REPO, Exporter, free_port, require_binary, wait_for
 
 from mixin import FLEET_PATH, HOST_PATH
 from mixin.dashboards import dashboard_queries

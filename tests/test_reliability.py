@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Exporter, Metrics, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from support import Exporter, Metrics, wait_for
 
 from bindscope.config.load import parse_config
 from bindscope.discover.processes import InodeResolver

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, require_binary
+from support import REPO, require_binary
 
 from mixin import RULES_PATH, generate
 from mixin.rules import RulesConfig, render

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import TOOL, free_port, wait_for
+from support import TOOL, free_port, wait_for
 
 from bindscope.cli.output import Paint
 

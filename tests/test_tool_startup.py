@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import EXPORTER, TOOL
+from support import EXPORTER, TOOL
 
 from bindscope.cli import tool
 from bindscope.cli.output import Paint, scan_notes

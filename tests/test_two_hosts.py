@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Metrics, TwoHosts, require_binary, wait_for
+from support import Metrics, TwoHosts, require_binary, wait_for
 
 SCAN_INTERVAL = 0.5
 PROBE_TIMEOUT = 0.5

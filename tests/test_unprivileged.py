@@ -4,7 +4,7 @@ others' sockets have process "unknown", and that is counted, never fatal."""
 import os
 import subprocess
 
-from conftest import EXPORTER, Metrics, free_port, require_binary, require_root, wait_for
+from support import EXPORTER, Metrics, free_port, require_binary, require_root, wait_for
 
 
 def test_exporter_as_nobody(shared_dir, listen):

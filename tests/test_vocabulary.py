@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 from builders import listener, snapshot, spec
-from conftest import REPO
+from support import REPO
 
 from bindscope.cli.output import STATUS_STYLE
 from bindscope.collector.snapshot import render

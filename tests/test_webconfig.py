@@ -21,11 +21,11 @@ from typing import Any
 
 import bcrypt
 import pytest
-from conftest import EXPORTER, free_port, wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support import EXPORTER, free_port, wait_for
 
 from bindscope.web.webconfig import (
     TLSConfig,
