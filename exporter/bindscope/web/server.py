@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -57,6 +58,7 @@ REASONS = {
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
+_TOKEN = re.compile(rb"[A-Z][A-Z-]* ")  # a method llhttp does not know, not garbage
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 
 
@@ -461,8 +463,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             if self.error is None:
                 message = str(e)
-                version = "version" in message.lower()
-                self.error = (505, "HTTP version not supported") if version else (400, message)
+                if "invalid method" in message.lower() and _TOKEN.match(data):
+                    self.error = (501, "Method not implemented")
+                elif "version" in message.lower():
+                    self.error = (505, "HTTP version not supported")
+                else:
+                    self.error = (400, message)
             self._fail(*self.error)
             return
         if self.error is not None:

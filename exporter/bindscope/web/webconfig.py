@@ -272,10 +272,13 @@ def _load(
 
 
 def _off_sections(root: Node | None, top: dict[str, tuple[Node, Node]]) -> frozenset[str]:
-    """The sections the file turns off in so many words: `key: {}`. A missing key, a key
-    with no value or an empty file may be a file caught half-written, so they do not count."""
+    """The sections the file turns off in so many words: `key: {}`, or a file `{}`. A
+    missing key, a key with no value or an empty file may be a file caught half-written,
+    so they do not count."""
     if root is None or _is_null(root):
         return frozenset()
+    if isinstance(root, MappingNode) and not root.value and root.flow_style:
+        return frozenset(key for key, _ in _SECTIONS)  # the whole file is `{}`
     return frozenset(
         key
         for key, (_, node) in top.items()
