@@ -223,11 +223,17 @@ class _TokenBuckets:
         tokens, at = self._buckets.get(client, (self._burst, 0.0))
         return min(self._burst, tokens + (self._clock() - at) / self._refill)
 
-    def allows(self, client: str) -> bool:
-        return self._tokens(client) >= 1
+    def take(self, client: str) -> bool:
+        """Spend a token before a check, so a client's concurrent tries count at once."""
+        tokens = self._tokens(client)
+        if tokens < 1:
+            return False
+        self._buckets[client] = (tokens - 1, self._clock())
+        return True
 
-    def spend(self, client: str) -> None:
-        self._buckets[client] = (self._tokens(client) - 1, self._clock())
+    def refund(self, client: str) -> None:
+        """A check that succeeded costs nothing."""
+        self._buckets[client] = (min(self._burst, self._tokens(client) + 1), self._clock())
         if len(self._buckets) > 10_000:  # forget full buckets, which say nothing
             self._buckets = {
                 c: v for c, v in self._buckets.items() if self._tokens(c) < self._burst
@@ -336,6 +342,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.queue: list[_Request] = []
         self.busy = False  # a request is being answered
+        self.counted = False  # and counts against --web.max-requests
         self.closing = False
         self.timer: asyncio.TimerHandle | None = None
         self.drained: asyncio.Future[None] | None = None
@@ -409,9 +416,7 @@ class _Connection(asyncio.Protocol):
         """Leave the server's books at once, so a closed connection counts no more."""
         stats = self.server.stats
         stats.conns.pop(self, None)
-        if self.busy:
-            self.busy = False
-            stats.in_flight -= 1
+        self._done()
         self.closing = True
         self._disarm()
         if self.drained is not None and not self.drained.done():
@@ -465,7 +470,7 @@ class _Connection(asyncio.Protocol):
                 message = str(e)
                 if "invalid method" in message.lower() and _TOKEN.match(data):
                     self.error = (501, "Method not implemented")
-                elif "version" in message.lower():
+                elif "invalid http version" in message.lower():
                     self.error = (505, "HTTP version not supported")
                 else:
                     self.error = (400, message)
@@ -556,18 +561,24 @@ class _Connection(asyncio.Protocol):
                 self._arm(self.limits.idle_timeout)
             return
         request = self.queue.pop(0)
-        stats = self.server.stats
         self.busy = True
-        stats.in_flight += 1
         self._disarm()
-        if stats.in_flight > self.limits.max_requests:
-            task = self._answer_busy(request)
-        else:
-            task = self._answer(request)
-        self.task = asyncio.ensure_future(task)
+        self.task = asyncio.ensure_future(self._answer(request))
 
-    async def _answer_busy(self, request: _Request) -> None:
-        await self._send(request, 503, b"Too many requests in flight\n", TEXT, {"Retry-After": "1"})
+    def _admit(self) -> bool:
+        """Count this request in flight, if the limit allows one more."""
+        stats = self.server.stats
+        if stats.in_flight >= self.limits.max_requests:
+            return False
+        stats.in_flight += 1
+        self.counted = True
+        return True
+
+    def _done(self) -> None:
+        self.busy = False
+        if self.counted:
+            self.counted = False
+            self.server.stats.in_flight -= 1
 
     async def _answer(self, request: _Request) -> None:
         try:
@@ -582,7 +593,14 @@ class _Connection(asyncio.Protocol):
         if method not in KNOWN_METHODS:
             await self._send(request, 501, b"Method not implemented\n", TEXT, close=True)
             return
+        # authenticated first: answers to unauthenticated requests cost nothing to hold,
+        # and bcrypt checks have their own bound, so neither takes a scrape's place
         if not await self._authorized(request):
+            return
+        if not self._admit():
+            await self._send(
+                request, 503, b"Too many requests in flight\n", TEXT, {"Retry-After": "1"}
+            )
             return
         path, _, query = request.target.partition("?")
         ep = self.server.endpoints
@@ -641,9 +659,8 @@ class _Connection(asyncio.Protocol):
             # a client that keeps failing waits for its budget; the checks of every
             # client together are bounded, so a scrape with valid credentials is never
             # queued behind more than a few
-            if (
-                not server.auth_limits.allows(self.client)
-                or server.stats.bcrypt_pending >= self.limits.bcrypt_queue
+            if server.stats.bcrypt_pending >= self.limits.bcrypt_queue or not (
+                server.auth_limits.take(self.client)
             ):
                 await self._send(
                     request, 429, b"Too many failed logins\n", TEXT, {"Retry-After": "1"}
@@ -655,8 +672,8 @@ class _Connection(asyncio.Protocol):
                 allowed = await loop.run_in_executor(server.bcrypt, sec.verify, header)
             finally:
                 server.stats.bcrypt_pending -= 1
-            if not allowed:
-                server.auth_limits.spend(self.client)
+            if allowed:
+                server.auth_limits.refund(self.client)
         if allowed:
             return True
         await self._send(
@@ -710,9 +727,7 @@ class _Connection(asyncio.Protocol):
         if self.closing:
             return
         self._touch()
-        if self.busy:
-            self.busy = False
-            self.server.stats.in_flight -= 1
+        self._done()
         if close:
             self._close()
         else:
@@ -727,7 +742,6 @@ class _Connection(asyncio.Protocol):
             return
         self.closing_after = True
         self.busy = True
-        self.server.stats.in_flight += 1
         self.task = asyncio.ensure_future(
             self._send(None, status, (message + "\n").encode(), TEXT, close=True)
         )

@@ -9,7 +9,6 @@ TLS or basic auth off is refused unless the file says so in full.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import logging
@@ -441,7 +440,7 @@ def parse_basic_auth(header: str | None) -> tuple[str, bytes] | None:
         if not sep:
             return None
         return user.decode("utf-8"), password
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # bad base64, non-ASCII bytes, bad UTF-8
         return None
 
 
