@@ -480,7 +480,7 @@ def test_a_hostile_web_config_is_refused_and_serving_goes_on(tmp_path: Path, mak
             web.write_text("# " + "x" * (5 << 20) + "\n")
         else:
             os.mkfifo(web)
-        wait_for(lambda: "web config not reloaded" in exp.log(), 10, what="the reload refused")
+        wait_for(lambda: "web config not reloaded" in exp.log(), 30, what="the reload refused")
         status, headers, _ = _get(exp.port, "/metrics")
         assert (status, headers.get("x-content-type-options")) == (200, "nosniff")
         assert (

@@ -161,9 +161,10 @@ def read_regular_file(path: str, limit: int = MAX_FILE_BYTES, encoding: str = "u
     return data.decode(encoding, errors="strict" if encoding == "utf-8" else "replace")
 
 
-def _depth(text: str) -> int:
-    """How deep the YAML nests, from its tokens: the scanner does not recurse."""
-    depth = deepest = 0
+def _too_deep(text: str) -> bool:
+    """Whether the YAML nests deeper than MAX_DEPTH, from its tokens: the scanner does not
+    recurse. It stops at the first level too deep, as its cost grows with the depth."""
+    depth = 0
     for token in yaml.scan(text, Loader=yaml.SafeLoader):
         if isinstance(
             token,
@@ -173,12 +174,13 @@ def _depth(text: str) -> int:
             | yaml.FlowSequenceStartToken,
         ):
             depth += 1
-            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                return True
         elif isinstance(
             token, yaml.BlockEndToken | yaml.FlowMappingEndToken | yaml.FlowSequenceEndToken
         ):
             depth -= 1
-    return deepest
+    return False
 
 
 class _Parser:
@@ -248,7 +250,7 @@ def _load(
     except (OSError, ValueError) as e:
         raise WebConfigError(path, "", f"cannot read: {_reason(e)}") from e
     try:
-        if _depth(text) > MAX_DEPTH:
+        if _too_deep(text):
             raise WebConfigError(path, "", f"nested deeper than {MAX_DEPTH} levels")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
