@@ -131,9 +131,7 @@ class Daemon:
             "openmetrics": Exposition.of(b""),
         }
         self._reload = ReloadState(successful=True, success_timestamp=time.time())
-        self._reload_lock = threading.RLock()
-        self._reload_depth = 0  # reload() calls in progress, nested ones by signals
-        self._reload_again = False
+        self._reload_lock = threading.Lock()
         self._runtime_cache: tuple[object, dict[str, Exposition]] = (None, {})
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -193,23 +191,11 @@ class Daemon:
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file; on error keep the last good config and say why.
 
-        SIGHUP calls this from a signal handler, which may fire again while the main
-        thread is inside reload(). The lock is reentrant so that thread never waits on
-        itself, and a nested call only asks the running one to read the file once more:
-        the last file written is the one that stays in force.
+        The exporter's reload thread (SIGHUP) and POST /-/reload may call this at once:
+        one reads at a time, and the last file written is the one that stays in force.
         """
         with self._reload_lock:
-            self._reload_depth += 1
-            try:
-                if self._reload_depth > 1:
-                    self._reload_again = True
-                    return True, "a reload is running in this thread; it reads the file again"
-                ok, message = self._load()
-                while self._reload_again:
-                    self._reload_again = False
-                    ok, message = self._load()
-            finally:
-                self._reload_depth -= 1
+            ok, message = self._load()
         self._wake.set()  # judge the new config now rather than at the next tick
         return ok, message
 

@@ -7,23 +7,20 @@ import logging
 import platform
 import signal
 import sys
-import time
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 
 from bindscope import __version__
-from bindscope.cli.common import EXIT_OK, EXIT_USAGE, Help, Parser, load
-from bindscope.config.load import ConfigError
-from bindscope.logs import LEVELS
-from bindscope.logs import setup as setup_logging
+
+# The rest of bindscope is imported once the signal handlers are in place (main() says why).
 
 log = logging.getLogger("bindscope")
 
 
-class _Shutdown(Exception):
-    pass
-
-
 def exporter_parser() -> argparse.ArgumentParser:
+    from bindscope.cli.common import Help, Parser
+    from bindscope.logs import LEVELS
+
     p = Parser(
         prog="bindscope-exporter",
         description="Prometheus exporter: compares the sockets listening on this "
@@ -141,40 +138,30 @@ def exporter_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # First of all: SIGHUP's default action kills, and the rest of start-up (imports, a
-    # large config, binding) takes a while. Until the daemon runs, a SIGHUP is remembered
-    # and answered by one reload once it does.
-    hup_pending: list[bool] = []
-    reload_now: list[Callable[[], object]] = []
-
-    def on_hup(_signum: int, _frame: object) -> None:
-        if reload_now:
-            reload_now[0]()
-        else:
-            hup_pending.append(True)
-
-    def on_term(_signum: int, _frame: object) -> None:
-        raise _Shutdown
-
-    signal.signal(signal.SIGHUP, on_hup)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    # large config, binding) takes a while. The handlers only set flags: a reload runs in
+    # a thread of its own (a SIGHUP before it starts is answered once it does), so a slow
+    # one never holds up SIGTERM, and no exception is raised wherever the main thread is.
+    hup, stop = threading.Event(), threading.Event()
+    signal.signal(signal.SIGHUP, lambda _s, _f: hup.set())
+    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+    signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
     try:
-        return _run(argv, hup_pending, reload_now)
-    except (_Shutdown, KeyboardInterrupt):
-        return EXIT_OK
+        return _run(argv, hup, stop)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-def _run(
-    argv: Sequence[str] | None, hup_pending: list[bool], reload_now: list[Callable[[], object]]
-) -> int:
+def _run(argv: Sequence[str] | None, hup: threading.Event, stop: threading.Event) -> int:
+    from bindscope.cli.common import EXIT_OK, EXIT_USAGE, load
+    from bindscope.config.load import ConfigError
     from bindscope.daemon import Daemon, read_config
+    from bindscope.logs import setup as setup_logging
     from bindscope.scan import Scanner
     from bindscope.web.landing import render_landing
     from bindscope.web.server import (
+        MAIN_THREAD_SIGNALS,
         Endpoints,
         HTTPServer,
         Limits,
@@ -250,6 +237,9 @@ def _run(
         max_requests=args.max_requests, max_connections=connection_limit(args.max_connections)
     )
     server = HTTPServer(sockets, endpoints, security, limits)
+    if stop.is_set():  # asked to stop during start-up: nothing runs yet
+        server.stop()
+        return EXIT_OK
     try:
         log.info(
             "starting bindscope-exporter",
@@ -267,16 +257,19 @@ def _run(
         if security is not None:
             security.start()
         server.start()
-        reload_now.append(daemon.reload)
-        if hup_pending:
-            daemon.reload()
-        while True:
-            time.sleep(3600)
-    except (_Shutdown, KeyboardInterrupt):
+
+        def reloads() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+            while True:  # SIGHUPs during a reload are answered by one more
+                hup.wait()
+                hup.clear()
+                daemon.reload()
+
+        threading.Thread(target=reloads, name="reload", daemon=True).start()
+        stop.wait()
         log.info("shutting down")
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut cleanup
-        reload_now.clear()
         server.stop()
         if security is not None:
             security.stop()

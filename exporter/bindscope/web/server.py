@@ -296,7 +296,9 @@ class HTTPServer:
         for sock in self.sockets:
             sock.setblocking(False)
             srv = self.loop.run_until_complete(
-                self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
+                # the backlog is also how many connections asyncio accepts in one go, before
+                # any is counted: below FD_HEADROOM, so a burst never takes a scan's fds
+                self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=128)
             )
             self._servers.append(srv)
         self._started.set()
