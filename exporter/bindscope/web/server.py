@@ -35,6 +35,7 @@ MAX_URL = 1 << 16
 MAX_HEADER_BYTES = 1 << 16
 MAX_HEADERS = 100
 MAX_PIPELINED = 16  # complete requests queued behind the one being answered
+ACCEPT_BURST = 64  # connections accepted per wake-up; well below FD_HEADROOM
 # descriptors kept free for scans (netlink, /proc, probes) however many clients connect
 FD_HEADROOM = 256
 TEXT = "text/plain; charset=utf-8"
@@ -279,7 +280,9 @@ class HTTPServer:
         self.bcrypt = ThreadPoolExecutor(1, thread_name_prefix="bcrypt")
         self.slow = ThreadPoolExecutor(2, thread_name_prefix="http-slow")
         self.auth_limits = _TokenBuckets(limits.auth_burst, limits.auth_refill, time.monotonic)
-        self._servers: list[asyncio.base_events.Server] = []
+        self.open_fds = 0  # accepted connections whose descriptor is not closed yet
+        self._accept_on = False
+        self._connecting: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
 
@@ -295,14 +298,62 @@ class HTTPServer:
         asyncio.set_event_loop(self.loop)
         for sock in self.sockets:
             sock.setblocking(False)
-            srv = self.loop.run_until_complete(
-                # the backlog is also how many connections asyncio accepts in one go, before
-                # any is counted: below FD_HEADROOM, so a burst never takes a scan's fds
-                self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=128)
-            )
-            self._servers.append(srv)
+        self._accepting(True)
         self._started.set()
         self.loop.run_forever()
+
+    def _accepting(self, on: bool) -> None:
+        if on == self._accept_on:
+            return
+        self._accept_on = on
+        for sock in self.sockets:
+            if on:
+                self.loop.add_reader(sock.fileno(), self._accept, sock)
+            else:
+                self.loop.remove_reader(sock.fileno())
+
+    def _accept(self, sock: socket.socket) -> None:
+        """Accept a few connections, never more than the limit allows descriptors for.
+
+        asyncio's own accept loop takes a whole backlog at once, before any connection is
+        counted. At the limit the connection idle longest is closed first; as its
+        descriptor is freed a moment later, accepting pauses when too many are still
+        closing, or when every connection is being answered.
+        """
+        for _ in range(ACCEPT_BURST):
+            full = len(self.stats.conns) >= self.limits.max_connections
+            if (full and not self.make_room()) or (
+                self.open_fds >= self.limits.max_connections + ACCEPT_BURST
+            ):
+                self._accepting(False)  # until a connection is closed
+                return
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors or buffers: wait for a close
+                log.warning("accept failed, pausing", extra={"err": str(e)})
+                self._accepting(False)
+                self.loop.call_later(0.1, self._accepting, True)
+                return
+            self.open_fds += 1
+            conn.setblocking(False)
+            self._connecting.add(self.loop.create_task(self._connect(conn)))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: _Connection(self), conn)
+        except OSError:  # reset before it was set up
+            conn.close()
+            self.closed()
+        finally:
+            self._connecting.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    def closed(self) -> None:
+        """A connection's descriptor is closed."""
+        self.open_fds -= 1
+        if not self._accept_on and self.open_fds < self.limits.max_connections + ACCEPT_BURST:
+            self._accepting(True)  # _accept() pauses again if every connection is busy
 
     def stop(self) -> None:
         if self._thread is None:
@@ -311,8 +362,9 @@ class HTTPServer:
             return
 
         def close_all() -> None:
-            for srv in self._servers:
-                srv.close()
+            self._accepting(False)
+            for sock in self.sockets:
+                sock.close()
             for conn in list(self.stats.conns):
                 conn.abort()
             self.loop.stop()
@@ -402,6 +454,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()
+        self.server.closed()
 
     def eof_received(self) -> bool:
         if self.in_request and not self.busy:
