@@ -400,11 +400,11 @@ def case_cap(tmp: Path) -> str:
         assert worker.stdout is not None
         worker.stdout.readline()
         with exporter(tmp) as (_proc, port, _):
-            for _ in range(100):
+            for _ in range(300):  # the first scan of 19,900 listeners takes a while
                 body = get(port)[1]
-                if b"bindscope_scan_success 1.0" in body:
+                if b"bindscope_listener_info_dropped" in body:
                     break
-                time.sleep(0.2)
+                time.sleep(0.5)
     finally:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             worker.communicate("", timeout=10)
