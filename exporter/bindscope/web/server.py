@@ -400,6 +400,7 @@ class _Connection(asyncio.Protocol):
         self.busy = False  # a request is being answered
         self.counted = False  # and counts against --web.max-requests
         self.closing = False
+        self.released = False  # its descriptor is closed and counted so
         self.timer: asyncio.TimerHandle | None = None
         self.drained: asyncio.Future[None] | None = None
         # the task answering now: the loop holds tasks weakly
@@ -445,7 +446,9 @@ class _Connection(asyncio.Protocol):
                 ssl_handshake_timeout=self.limits.request_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            # start_tls() closed the socket, and connection_lost() will not be called
             self.abort()
+            self._release()
             return
         if tls is None or self.closing:
             return
@@ -454,7 +457,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()
-        self.server.closed()
+        self._release()
+
+    def _release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.server.closed()
 
     def eof_received(self) -> bool:
         if self.in_request and not self.busy:
