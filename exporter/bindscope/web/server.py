@@ -282,6 +282,7 @@ class HTTPServer:
         self.auth_limits = _TokenBuckets(limits.auth_burst, limits.auth_refill, time.monotonic)
         self.open_fds = 0  # accepted connections whose descriptor is not closed yet
         self._accept_on = False
+        self._stopping = False
         self._connecting: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -303,7 +304,7 @@ class HTTPServer:
         self.loop.run_forever()
 
     def _accepting(self, on: bool) -> None:
-        if on == self._accept_on:
+        if on == self._accept_on or (on and self._stopping):
             return
         self._accept_on = on
         for sock in self.sockets:
@@ -362,6 +363,7 @@ class HTTPServer:
             return
 
         def close_all() -> None:
+            self._stopping = True  # connections closed below must not resume accepting
             self._accepting(False)
             for sock in self.sockets:
                 sock.close()
