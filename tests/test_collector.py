@@ -145,6 +145,30 @@ def test_listener_cap_limits_series():
     assert text.count("bindscope_listener_info{") == 2
 
 
+def test_every_per_listener_family_is_capped_and_its_rest_counted():
+    strays = tuple(
+        dataclasses.replace(
+            listener("0.0.0.0", 10000 + i, Exposure.PUBLIC, Scope.WILDCARD),
+            firewall=Firewall.ACCEPT,
+        )
+        for i in range(50)
+    )
+    snap = dataclasses.replace(snapshot(), listeners=strays, unexpected=strays)
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: snap, max_listeners=7))
+    for family in (
+        "bindscope_listener_info",
+        "bindscope_unexpected_listener_info",
+        "bindscope_listener_firewall_info",
+    ):
+        assert len([s for s in _samples(registry, family)]) == 7, family
+        assert registry.get_sample_value(f"{family}_dropped") == 43, family
+
+
+def _samples(registry: CollectorRegistry, family: str) -> list[object]:
+    return [s for m in registry.collect() if m.name == family for s in m.samples]
+
+
 def test_nothing_before_the_first_scan():
     assert render(None) == b""
 

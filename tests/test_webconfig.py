@@ -439,6 +439,7 @@ def test_watcher_picks_up_a_changed_password(tmp_path: Path) -> None:
     assert watcher.authorize(_basic("prometheus", PASSWORD))
     new_hash = bcrypt.hashpw(b"rotated", bcrypt.gensalt(4)).decode()
     _replace(path, f"basic_auth_users:\n  prometheus: '{new_hash}'\n".encode())
+    watcher.refresh()
     assert not watcher.authorize(_basic("prometheus", PASSWORD))
     assert watcher.authorize(_basic("prometheus", b"rotated"))
     assert watcher.errors == 0
@@ -452,12 +453,15 @@ def test_watcher_keeps_last_good_config_and_counts_once(
     good = watcher.current()
     _replace(path, b"basic_auth_users:\n  prometheus: plaintext\n")
     with caplog.at_level(logging.ERROR, logger="bindscope.web"):
-        assert [watcher.current() for _ in range(3)] == [good] * 3
+        for _ in range(3):
+            watcher.refresh()
+            assert watcher.current() == good
     assert watcher.errors == 1
     assert len(caplog.records) == 1
     assert "basic_auth_users.prometheus: not a bcrypt hash" in caplog.records[0].getMessage()
     assert watcher.authorize(_basic("prometheus", PASSWORD))
     _replace(path, b"{}\n")
+    watcher.refresh()
     assert watcher.current() is not None and not watcher.current().users
     assert (watcher.errors, watcher.last_error) == (1, None)
 
@@ -467,10 +471,12 @@ def test_watcher_retries_when_a_missing_cert_appears(tmp_path: Path, pki: PKI) -
     watcher = WebConfigWatcher(path)
     cert, key = tmp_path / "late.pem", tmp_path / "late.key"
     _replace(path, f"tls_server_config: {{cert_file: {cert}, key_file: {key}}}\n".encode())
-    assert watcher.ssl_context() is None and watcher.errors == 1
-    assert watcher.ssl_context() is None and watcher.errors == 1
+    for _ in range(2):
+        watcher.refresh()
+        assert watcher.ssl_context() is None and watcher.errors == 1
     key.write_bytes(pki.server_key.read_bytes())
     cert.write_bytes(pki.server_cert.read_bytes())
+    watcher.refresh()
     assert watcher.ssl_context() is not None
     assert watcher.errors == 1
 
@@ -648,8 +654,10 @@ def test_rotated_cert_is_served_without_restart(serve: Serve, tmp_path: Path, pk
         _get(port, other_ca)
     # Key first, then cert: between the two the pair does not match, and the old one stays.
     _replace(key, (pki.dir / "other-server.key").read_bytes())
+    watcher.refresh()
     assert _get(port, _client_context(pki))[0] == 200
     _replace(cert, (pki.dir / "other-server.pem").read_bytes())
+    watcher.refresh()
     assert _get(port, other_ca)[0] == 200
     with pytest.raises(ssl.SSLCertVerificationError):
         _get(port, _client_context(pki))

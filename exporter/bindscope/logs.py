@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -21,6 +22,8 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
     out: dict[str, object] = {
         "ts": f"{ts}.{int(record.msecs):03d}Z",
         "level": {"WARNING": "warn"}.get(record.levelname, record.levelname.lower()),
+        # as Prometheus's own logs: where the line was written, file:line
+        "caller": f"{os.path.basename(record.pathname)}:{record.lineno}",
         "logger": record.name,
         "msg": record.getMessage(),
     }

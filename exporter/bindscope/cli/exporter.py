@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import signal
 import sys
-import time
+import threading
 from collections.abc import Sequence
 
 from bindscope import __version__
-from bindscope.cli.common import EXIT_OK, EXIT_USAGE, Help, Parser, load
-from bindscope.config.load import ConfigError
-from bindscope.logs import LEVELS
-from bindscope.logs import setup as setup_logging
+
+# The rest of bindscope is imported once the signal handlers are in place (main() says why).
 
 log = logging.getLogger("bindscope")
 
 
-class _Shutdown(Exception):
-    pass
-
-
 def exporter_parser() -> argparse.ArgumentParser:
+    from bindscope.cli.common import Help, Parser
+    from bindscope.logs import LEVELS
+
     p = Parser(
         prog="bindscope-exporter",
         description="Prometheus exporter: compares the sockets listening on this "
@@ -62,11 +60,39 @@ def exporter_parser() -> argparse.ArgumentParser:
         help="enable POST /-/reload",
     )
     p.add_argument(
+        "--web.max-requests",
+        dest="max_requests",
+        type=int,
+        default=40,
+        help="most requests answered at once; beyond, 503",
+    )
+    p.add_argument(
+        "--web.max-connections",
+        dest="max_connections",
+        type=int,
+        default=1024,
+        help="most client connections open at once (and never so many that scans run out of "
+        "file descriptors); beyond, the one idle longest is closed",
+    )
+    p.add_argument(
+        "--web.systemd-socket",
+        dest="systemd_socket",
+        action="store_true",
+        help="serve on the listening sockets systemd passes (a .socket unit) instead of "
+        "--web.listen-address",
+    )
+    p.add_argument(
+        "--web.disable-exporter-metrics",
+        dest="no_exporter_metrics",
+        action="store_true",
+        help="leave out the exporter's own process, platform and gc metrics",
+    )
+    p.add_argument(
         "--collector.listeners.max",
         dest="max_listeners",
         type=int,
         default=2000,
-        help="most bindscope_listener_info series exported (0: no limit)",
+        help="most series exported per per-listener family (0: no limit)",
     )
     p.add_argument(
         "--collector.namespaces",
@@ -101,30 +127,65 @@ def exporter_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log.level", dest="log_level", default="info", choices=list(LEVELS))
     p.add_argument("--log.format", dest="log_format", default="logfmt", choices=["logfmt", "json"])
-    p.add_argument("--version", action="version", version=f"bindscope-exporter {__version__}")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"bindscope-exporter {__version__} (python {platform.python_version()}, "
+        f"{platform.system().lower()}/{platform.machine()})",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bindscope.daemon import Daemon
+    # First of all: SIGHUP's default action kills, and the rest of start-up (imports, a
+    # large config, binding) takes a while. The handlers only set flags: a reload runs in
+    # a thread of its own (a SIGHUP before it starts is answered once it does), so a slow
+    # one never holds up SIGTERM, and no exception is raised wherever the main thread is.
+    hup, stop = threading.Event(), threading.Event()
+    signal.signal(signal.SIGHUP, lambda _s, _f: hup.set())
+    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+    signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
+    try:
+        return _run(argv, hup, stop)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def _run(argv: Sequence[str] | None, hup: threading.Event, stop: threading.Event) -> int:
+    from bindscope.cli.common import EXIT_OK, EXIT_USAGE, load
+    from bindscope.config.load import ConfigError
+    from bindscope.daemon import Daemon, read_config
+    from bindscope.logs import setup as setup_logging
     from bindscope.scan import Scanner
     from bindscope.web.api import Api
     from bindscope.web.landing import render_landing
     from bindscope.web.server import (
+        MAIN_THREAD_SIGNALS,
         Endpoints,
+        HTTPServer,
+        Limits,
         ListenAddressError,
-        Server,
+        bind,
+        connection_limit,
+        endpoint,
         parse_listen_address,
-        serve,
+        systemd_sockets,
     )
 
     args = exporter_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    if args.max_listeners < 0:
-        print("bindscope-exporter: error: --collector.listeners.max must be >= 0", file=sys.stderr)
-        return EXIT_USAGE
+    for flag, value, least in (
+        ("--collector.listeners.max", args.max_listeners, 0),
+        ("--web.max-requests", args.max_requests, 1),
+        ("--web.max-connections", args.max_connections, 1),
+    ):
+        if value < least:
+            print(f"bindscope-exporter: error: {flag} must be >= {least}", file=sys.stderr)
+            return EXIT_USAGE
     try:
-        config = load(args.config_file)
+        config = read_config(args.config_file) if args.config_file else load(None)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
@@ -150,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scanner,
         args.max_listeners,
         web_config_errors=(lambda: security.errors) if security is not None else None,
+        exporter_metrics=not args.no_exporter_metrics,
     )
     endpoints = Endpoints(
         metrics=daemon.metrics,
@@ -160,28 +222,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_lifecycle=args.lifecycle,
         api=Api(lambda: daemon.snapshot, lambda: daemon.config),
     )
-    servers: list[Server] = []
+    sockets = []
     try:
-        for text in args.listen or [":9917"]:
-            host, port = parse_listen_address(text)
-            servers.append(Server(host, port, endpoints, security))
+        if args.systemd_socket:
+            sockets = systemd_sockets()
+        else:
+            for text in args.listen or [":9917"]:
+                sockets.append(bind(*parse_listen_address(text)))
     except (ListenAddressError, OSError) as e:
-        for srv in servers:
-            srv.server_close()
+        for sock in sockets:
+            sock.close()
         print(f"bindscope-exporter: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    scanner.set_own(srv.endpoint for srv in servers)
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise _Shutdown
-
-    def on_hup(_signum: int, _frame: object) -> None:
-        daemon.reload()
-
-    serving: list[Server] = []
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
+    scanner.set_own(endpoint(s) for s in sockets)
+    limits = Limits(
+        max_requests=args.max_requests, max_connections=connection_limit(args.max_connections)
+    )
+    server = HTTPServer(sockets, endpoints, security, limits)
+    if stop.is_set():  # asked to stop during start-up: nothing runs yet
+        server.stop()
+        return EXIT_OK
     try:
         log.info(
             "starting bindscope-exporter",
@@ -190,25 +250,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "config": args.config_file or "<embedded default>",
                 "services": len(config.services),
                 "listen": ",".join(
-                    f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
-                    for h, p in (s.endpoint for s in servers)
+                    f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in map(endpoint, sockets)
                 ),
+                "max_connections": limits.max_connections,
             },
         )
         daemon.start()
-        serve(servers)
-        serving = servers  # shutdown() waits forever on a server that never served
-        while True:
-            time.sleep(3600)
-    except (_Shutdown, KeyboardInterrupt):
+        if security is not None:
+            security.start()
+        server.start()
+
+        def reloads() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+            while True:  # SIGHUPs during a reload are answered by one more
+                hup.wait()
+                hup.clear()
+                daemon.reload()
+
+        threading.Thread(target=reloads, name="reload", daemon=True).start()
+        stop.wait()
         log.info("shutting down")
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        for srv in serving:
-            srv.shutdown()
-        for srv in servers:
-            srv.server_close()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut cleanup
+        server.stop()
+        if security is not None:
+            security.stop()
         daemon.stop()
     return EXIT_OK
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
 from bindscope.model import PeerError, PeerRound
@@ -71,3 +72,9 @@ def render(r: PeerRound) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PeerCollector(lambda: r))
     return generate_latest(registry)
+
+
+def render_openmetrics(r: PeerRound) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PeerCollector(lambda: r))
+    return generate_openmetrics(registry)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
 from bindscope.model import (
@@ -131,15 +132,10 @@ class SnapshotCollector(Collector):
             if labels in seen:  # SO_REUSEPORT groups share one series
                 continue
             seen.add(labels)
-            if not self._max_listeners or len(seen) <= self._max_listeners:
+            if self._kept(len(seen)):
                 info.add_metric(list(labels), 1)
         yield info
-        yield GaugeMetricFamily(
-            "bindscope_listener_info_dropped",
-            "Listening sockets of the last scan left out of bindscope_listener_info by "
-            "--collector.listeners.max.",
-            value=max(0, len(seen) - self._max_listeners) if self._max_listeners else 0,
-        )
+        yield self._dropped("bindscope_listener_info", len(seen))
         counts = GaugeMetricFamily(
             "bindscope_listeners",
             "Listening sockets by protocol and exposure.",
@@ -171,8 +167,10 @@ class SnapshotCollector(Collector):
             )
             if labels not in seen:
                 seen.add(labels)
-                strays.add_metric(list(labels), 1)
+                if self._kept(len(seen)):
+                    strays.add_metric(list(labels), 1)
         yield strays
+        yield self._dropped("bindscope_unexpected_listener_info", len(seen))
         fw = GaugeMetricFamily(
             "bindscope_listener_firewall_info",
             "What the packet filter does to a new connection from another host to a listener "
@@ -188,8 +186,21 @@ class SnapshotCollector(Collector):
             labels = (s.protocol.value, s.address, str(s.port), s.netns, lst.firewall.value)
             if labels not in seen:
                 seen.add(labels)
-                fw.add_metric(list(labels), 1)
+                if self._kept(len(seen)):
+                    fw.add_metric(list(labels), 1)
         yield fw
+        yield self._dropped("bindscope_listener_firewall_info", len(seen))
+
+    def _kept(self, nth: int) -> bool:
+        """Whether the nth distinct series of a per-listener family is within the cap."""
+        return not self._max_listeners or nth <= self._max_listeners
+
+    def _dropped(self, family: str, series: int) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            f"{family}_dropped",
+            f"Series of the last scan left out of {family} by --collector.listeners.max.",
+            value=max(0, series - self._max_listeners) if self._max_listeners else 0,
+        )
 
     def _published(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
         info = GaugeMetricFamily(
@@ -287,3 +298,10 @@ def render(snap: Snapshot | None, max_listeners: int = 0) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: snap, max_listeners))
     return generate_latest(registry)
+
+
+def render_openmetrics(snap: Snapshot | None, max_listeners: int = 0) -> bytes:
+    """The same exposition in OpenMetrics, made once per scan beside the text one."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snap, max_listeners))
+    return generate_openmetrics(registry)

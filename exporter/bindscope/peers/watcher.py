@@ -1,18 +1,18 @@
 """The peer thread: a round every `peers.interval`, each one's exposition swapped in whole.
 
 Scans and scrapes never wait on it: rounds run here, and a scrape reads the last
-rendered bytes, one reference. The daemon hands in the renderer (the collector is
-downstream of this stage).
+rendered exposition, one reference. The daemon hands in the renderer (the collector is
+downstream of this stage), and what it returns is kept as it is.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from bindscope.config.load import PeersConfig
 from bindscope.model import PeerRound
@@ -21,14 +21,14 @@ from bindscope.peers.routes import routable
 
 log = logging.getLogger("bindscope.peers")
 
-_EMPTY = (b"", b"")  # no peers: no families at all, plain and gzipped alike
+Body = TypeVar("Body")
 
 
-class PeerWatcher:
+class PeerWatcher(Generic[Body]):
     def __init__(
         self,
         config: Callable[[], PeersConfig | None],
-        render: Callable[[PeerRound], bytes],
+        render: Callable[[PeerRound], Body],
         routable: Callable[[str], bool] = routable,
         signals: frozenset[signal.Signals] = frozenset(),
     ) -> None:
@@ -39,16 +39,15 @@ class PeerWatcher:
         self._wake = threading.Event()
         self._rounds = Rounds(self._stop, routable)
         self._round: PeerRound | None = None
-        self._body = _EMPTY
+        self._body: Body | None = None  # None: no peers, no families at all
         self._thread: threading.Thread | None = None
 
     @property
     def latest(self) -> PeerRound | None:
         return self._round
 
-    def exposition(self, compressed: bool) -> bytes:
-        plain, zipped = self._body
-        return zipped if compressed else plain
+    def exposition(self) -> Body | None:
+        return self._body
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="peers", daemon=True)
@@ -71,7 +70,7 @@ class PeerWatcher:
             started = time.monotonic()
             config = self._config()
             if config is None:
-                self._round, self._body = None, _EMPTY
+                self._round, self._body = None, None
                 self._wake.wait()
             else:
                 try:
@@ -83,8 +82,7 @@ class PeerWatcher:
 
     def run_once(self, config: PeersConfig, deadline: float) -> PeerRound:
         r = self._rounds.run(config, deadline)
-        body = self._render(r)
         # one assignment: a scrape sees the last round's exposition or this one's
-        self._body = (body, gzip.compress(body, compresslevel=6))
+        self._body = self._render(r)
         self._round = r
         return r

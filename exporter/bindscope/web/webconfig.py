@@ -2,18 +2,20 @@
 
 The file is re-read when it (or a certificate, key or CA file it names) changes, so rotated
 certificates and passwords take effect without a restart, as they do in exporter-toolkit.
+Reloads run in a thread of their own, never on a request's path; a reload that would turn
+TLS or basic auth off is refused unless the file says so in full.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import logging
 import os
 import re
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -89,6 +91,11 @@ _BCRYPT_HASH = re.compile(rb"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{5
 # bcrypt reads 72 bytes of a password; htpasswd and Go hashed longer ones by truncating.
 _BCRYPT_MAX_PASSWORD = 72
 _AUTH_CACHE_SECONDS = 60.0
+# Web configs are a few lines: anything bigger or deeper is a mistake or an attack, and
+# PyYAML composes nested nodes recursively.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 16
+_FAILED_CACHE = 4096  # failed credentials remembered per version, so a retry costs no bcrypt
 _STR_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
@@ -137,6 +144,43 @@ def _file_state(path: str) -> _FileState:
 def load_web_config(path: str) -> WebConfig:
     """Read and check a web config file, including that its certificates and keys load."""
     return _load(path, {})[0]
+
+
+def read_regular_file(path: str, limit: int = MAX_FILE_BYTES, encoding: str = "utf-8") -> str:
+    """The text of a regular file of at most `limit` bytes; OSError or ValueError else.
+
+    Opened without blocking, so a FIFO in its place is refused rather than waited on.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data.decode(encoding, errors="strict" if encoding == "utf-8" else "replace")
+
+
+def _too_deep(text: str) -> bool:
+    """Whether the YAML nests deeper than MAX_DEPTH, from its tokens: the scanner does not
+    recurse. It stops at the first level too deep, as its cost grows with the depth."""
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(
+            token,
+            yaml.BlockMappingStartToken
+            | yaml.BlockSequenceStartToken
+            | yaml.FlowMappingStartToken
+            | yaml.FlowSequenceStartToken,
+        ):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif isinstance(
+            token, yaml.BlockEndToken | yaml.FlowMappingEndToken | yaml.FlowSequenceEndToken
+        ):
+            depth -= 1
+    return False
 
 
 class _Parser:
@@ -195,16 +239,19 @@ def _is_null(node: Node) -> bool:
     return isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
-def _load(path: str, touched: dict[str, _FileState]) -> tuple[WebConfig, ssl.SSLContext | None]:
+def _load(
+    path: str, touched: dict[str, _FileState]
+) -> tuple[WebConfig, ssl.SSLContext | None, frozenset[str]]:
     """Parse and check the file. Each file read is recorded in touched with its state before
     the read, even on failure, so a watcher knows what to watch for a change or a fix."""
     touched[path] = _file_state(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_regular_file(path)
+    except (OSError, ValueError) as e:
         raise WebConfigError(path, "", f"cannot read: {_reason(e)}") from e
     try:
+        if _too_deep(text):
+            raise WebConfigError(path, "", f"nested deeper than {MAX_DEPTH} levels")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
@@ -222,7 +269,22 @@ def _load(path: str, touched: dict[str, _FileState]) -> tuple[WebConfig, ssl.SSL
     users = _users(p, top["basic_auth_users"][1]) if "basic_auth_users" in top else {}
     headers = _headers(p, top["http_server_config"][1]) if "http_server_config" in top else {}
     config = WebConfig(tls, MappingProxyType(users), MappingProxyType(headers))
-    return config, context
+    return config, context, _off_sections(root, top)
+
+
+def _off_sections(root: Node | None, top: dict[str, tuple[Node, Node]]) -> frozenset[str]:
+    """The sections the file turns off in so many words: `key: {}`, or a file `{}`. A
+    missing key, a key with no value or an empty file may be a file caught half-written,
+    so they do not count."""
+    if root is None or _is_null(root):
+        return frozenset()
+    if isinstance(root, MappingNode) and not root.value and root.flow_style:
+        return frozenset(key for key, _ in _SECTIONS)  # the whole file is `{}`
+    return frozenset(
+        key
+        for key, (_, node) in top.items()
+        if isinstance(node, MappingNode) and not node.value and node.flow_style
+    )
 
 
 def _tls(
@@ -287,9 +349,8 @@ def _tls(
     def read(key: str, file: str) -> str:
         touched[file] = _file_state(file)
         try:
-            with open(file, encoding="ascii", errors="replace") as f:
-                return f.read()
-        except OSError as e:
+            return read_regular_file(file, encoding="ascii")
+        except (OSError, ValueError) as e:
             raise p.error(m[key][1], f"{field}.{key}", f"cannot read {file}: {_reason(e)}") from e
 
     if "-----BEGIN CERTIFICATE-----" not in read("cert_file", cert_file):
@@ -381,7 +442,7 @@ def parse_basic_auth(header: str | None) -> tuple[str, bytes] | None:
         if not sep:
             return None
         return user.decode("utf-8"), password
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # bad base64, non-ASCII bytes, bad UTF-8
         return None
 
 
@@ -396,18 +457,25 @@ class _Version:
     cache_key: bytes
     # user -> (HMAC of the accepted password under cache_key, expiry): never the password.
     auth_cache: dict[str, tuple[bytes, float]]
+    # HMACs of credentials that failed, oldest first: a retry is refused without bcrypt.
+    failed: dict[bytes, None]
+
+
+_SECTIONS = (("tls_server_config", "TLS"), ("basic_auth_users", "basic auth"))
 
 
 class WebConfigWatcher:
     """The web config as it is now: TLS context, users and headers for each request.
 
-    web/server.py is the wiring: the server wraps each accepted connection with
-    `ssl_context()` (the context current at accept time, the handshake in the
-    connection's thread), and every request passes `authorize()` and sends `headers()`.
+    The server wraps each accepted connection with `ssl_context()` (the context current
+    at accept time), and every request passes `check_cached()` (on the event loop) and,
+    when that cannot tell, `verify()` (bcrypt, in a thread), and sends `headers()`. None of
+    them reads a file: `refresh()` does, from the thread `start()` runs, or from a test.
     `path=None` means plain HTTP and no auth. A file broken at start raises
     WebConfigError (the exporter exits 2); one broken later is logged once, counted in
     `errors` once per change (bindscope_web_config_reload_errors_total), and the last
-    good config stays in force.
+    good config stays in force. So does it when a change would turn TLS or basic auth
+    off, unless the file says `tls_server_config: {}` or `basic_auth_users: {}`.
     """
 
     def __init__(
@@ -427,85 +495,145 @@ class WebConfigWatcher:
         # core, not all (exporter-toolkit serialises it the same way).
         self._bcrypt_lock = threading.Lock()
         self._version: _Version | None = None
+        self._stop = threading.Event()
         # The files whose change triggers a reload (the last good config's and those a
         # failed attempt read, so a fix to either is noticed), and their states when read.
         self._seen: dict[str, _FileState] = {}
         if path is not None:
             touched: dict[str, _FileState] = {}
-            self._version = self._build(path, touched)
+            self._version = self._build(path, touched)[0]
             self._seen = touched
 
-    def _build(self, path: str, touched: dict[str, _FileState]) -> _Version:
-        config, context = _load(path, touched)
+    def _build(self, path: str, touched: dict[str, _FileState]) -> tuple[_Version, frozenset[str]]:
+        config, context, off = _load(path, touched)
         costs = [int(h.split(b"$")[2]) for h in config.users.values()]
         # Unknown users are checked against this, at the users' cost, so timing does not
         # tell which user names exist.
         dummy = bcrypt.hashpw(os.urandom(16), bcrypt.gensalt(max(costs))) if costs else b""
-        return _Version(config, context, tuple(touched), dummy, os.urandom(32), {})
+        version = _Version(config, context, tuple(touched), dummy, os.urandom(32), {}, {})
+        return version, off
 
     def _changed(self) -> bool:
         return any(_file_state(f) != state for f, state in self._seen.items())
 
-    def _current_version(self) -> _Version | None:
+    def start(self, interval: float = 1.0) -> None:
+        """Watch the files from a thread of its own: a slow or hostile file (huge, a FIFO,
+        an expensive bcrypt cost) then delays no connection."""
+        if self.path is None:
+            return
+
+        def watch() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh()
+                except Exception:  # a bug in one reload must not stop every later one
+                    log.exception("web config reload failed")
+
+        threading.Thread(target=watch, name="web-config", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def refresh(self) -> None:
+        """Reload if a file changed; on any error keep the config in force and count it."""
         if self.path is None or not self._changed():
-            return self._version
+            return
         with self._reload_lock:
-            if not self._changed():  # another thread reloaded meanwhile
-                return self._version
+            if not self._changed():
+                return
             good = self._version
             assert good is not None
             touched: dict[str, _FileState] = {}
             try:
-                new = self._build(self.path, touched)
+                new, off = self._build(self.path, touched)
+                _check_downgrade(self.path, good.config, new.config, off)
             except WebConfigError as e:
                 self._seen = {f: _file_state(f) for f in good.files} | touched
                 self.errors += 1
                 if str(e) != self.last_error:
                     log.error("web config not reloaded, keeping the last good one: %s", e)
                 self.last_error = str(e)
-                return good
+                return
             self._version, self._seen, self.last_error = new, touched, None
             log.info("web config reloaded from %s", self.path)
-            return new
 
     def current(self) -> WebConfig | None:
         """The config in force; None when serving plain HTTP without auth."""
-        version = self._current_version()
-        return version.config if version else None
+        return self._version.config if self._version else None
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context of the config in force, built once per version; None: plain HTTP."""
-        version = self._current_version()
-        return version.context if version else None
+        return self._version.context if self._version else None
 
     def headers(self) -> dict[str, str]:
         """Extra response headers of the config in force (http_server_config.headers)."""
-        version = self._current_version()
-        return dict(version.config.headers) if version else {}
+        return dict(self._version.config.headers) if self._version else {}
 
     def authorize(self, authorization_header: str | None) -> bool:
         """True if the request may proceed: no users configured, or valid Basic credentials."""
-        version = self._current_version()
+        cached = self.check_cached(authorization_header)
+        return cached if cached is not None else self.verify(authorization_header)
+
+    def check_cached(self, authorization_header: str | None) -> bool | None:
+        """The answer when it needs no bcrypt check: no users, malformed or remembered
+        credentials; None when only verify() can tell."""
+        version = self._version
         if version is None or not version.config.users:
             return True
         credentials = parse_basic_auth(authorization_header)
         if credentials is None:
             return False
         user, password = credentials
-        password = password[:_BCRYPT_MAX_PASSWORD]
-        digest = hmac.new(version.cache_key, password, hashlib.sha256).digest()
+        digest = _digest(version, user, password)
+        if digest in version.failed:
+            return False
+        cached = version.auth_cache.get(user)
+        if cached and cached[1] > self._clock() and hmac.compare_digest(cached[0], digest):
+            return True
+        return None
+
+    def verify(self, authorization_header: str | None) -> bool:
+        """The bcrypt check, remembered either way; slow on purpose, so not on the loop."""
+        version = self._version
+        if version is None or not version.config.users:
+            return True
+        credentials = parse_basic_auth(authorization_header)
+        if credentials is None:
+            return False
+        user, password = credentials
+        digest = _digest(version, user, password)
         stored = version.config.users.get(user)
-        now = self._clock()
-        if stored is not None:
-            cached = version.auth_cache.get(user)
-            if cached and cached[1] > now and hmac.compare_digest(cached[0], digest):
-                return True
         with self._bcrypt_lock:
             try:
-                matches = bcrypt.checkpw(password, stored or version.dummy_hash)
+                matches = bcrypt.checkpw(
+                    password[:_BCRYPT_MAX_PASSWORD], stored or version.dummy_hash
+                )
             except ValueError:
                 matches = False
         if stored is None or not matches:
+            version.failed[digest] = None
+            if len(version.failed) > _FAILED_CACHE:
+                del version.failed[next(iter(version.failed))]
             return False
-        version.auth_cache[user] = (digest, now + self._cache_seconds)
+        version.auth_cache[user] = (digest, self._clock() + self._cache_seconds)
         return True
+
+
+def _digest(version: _Version, user: str, password: bytes) -> bytes:
+    message = user.encode() + b"\0" + password[:_BCRYPT_MAX_PASSWORD]
+    return hmac.new(version.cache_key, message, hashlib.sha256).digest()
+
+
+def _check_downgrade(path: str, old: WebConfig, new: WebConfig, off: frozenset[str]) -> None:
+    """Refuse a change that turns TLS or basic auth off unless the file says so in full:
+    a file emptied or caught half-written must not open the endpoint to anyone."""
+    for key, what in _SECTIONS:
+        was_on = bool(old.tls) if key == "tls_server_config" else bool(old.users)
+        now_on = bool(new.tls) if key == "tls_server_config" else bool(new.users)
+        if was_on and not now_on and key not in off:
+            raise WebConfigError(
+                path,
+                key,
+                f"would turn {what} off; the file may be half-written. To turn it off, "
+                f"write `{key}: {{}}`",
+            )
