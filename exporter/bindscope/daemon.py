@@ -1,8 +1,8 @@
 """The exporter's running state: config, the scan thread, and the exposition it serves.
 
 A background thread scans on a timer and swaps in the rendered exposition of each
-completed scan, plain and gzipped; scrapes read that one reference and never wait for a
-scan nor compress it again.
+completed scan, plain and gzipped (only the parts that moved are rendered again);
+scrapes read that one reference and never wait for a scan nor compress it again.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 
 from bindscope.collector.runtime import ReloadState, RuntimeCollector
-from bindscope.collector.snapshot import render
+from bindscope.collector.snapshot import Renderer
 from bindscope.config.load import Config, ConfigError, load_config
 from bindscope.model import Snapshot
 from bindscope.scan import Scanner
@@ -44,7 +44,7 @@ class Daemon:
         self._config = config
         self._config_path = config_path
         self._scanner = scanner
-        self._max_listeners = max_listeners
+        self._renderer = Renderer(max_listeners)
         self._snapshot: Snapshot | None = None
         self._body: tuple[bytes, bytes] = (b"", gzip.compress(b""))  # plain, gzipped
         self._reload = ReloadState(successful=True, success_timestamp=time.time())
@@ -97,9 +97,8 @@ class Daemon:
 
     def scan_once(self) -> Snapshot:
         snap = self._scanner.scan(self._config)
-        body = render(snap, self._max_listeners)
         # one assignment each: a scrape sees the old exposition or the new, never a mix
-        self._body = (body, gzip.compress(body, compresslevel=6))
+        self._body = self._renderer.render(snap)
         self._snapshot = snap
         return snap
 
