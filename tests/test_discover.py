@@ -146,7 +146,24 @@ def test_resolver_names_the_service_not_systemd_for_socket_activation(tmp_path):
 
 def test_netlink_memo_forgets_namespaces_no_longer_seen(listen):
     listen("127.0.0.1")
-    netlink.list_sockets(netns="gone-ns")
-    assert "gone-ns" in netlink._memo
-    netlink.forget([HOST_NETNS])
-    assert "gone-ns" not in netlink._memo
+    memo = netlink.Memo()
+    netlink.list_sockets(netns="gone-ns", memo=memo)
+    assert "gone-ns" in memo
+    memo.forget([HOST_NETNS])
+    assert "gone-ns" not in memo
+
+
+def test_netlink_memo_returns_the_same_tuple_until_something_changes(listen):
+    memo = netlink.Memo()
+    # other programs on this host may open or close sockets meanwhile: two consecutive
+    # dumps that found the same are enough
+    for _ in range(20):
+        first = netlink.list_sockets(memo=memo)
+        if netlink.list_sockets(memo=memo) is first:
+            break
+    else:
+        pytest.fail("no two consecutive dumps returned the same tuple")
+    port = listen("127.0.0.1").getsockname()[1]
+    second = netlink.list_sockets(memo=memo)
+    assert second is not first and port in {s.port for s in second}
+    assert set(second) == set(netlink.list_sockets())  # as parsed without a memo

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bindscope.discover import netlink, psutil_backend
-from bindscope.discover.addresses import interface_addresses
+from bindscope.discover.addresses import AddressWatch, interface_addresses
 from bindscope.discover.containers import ContainerNames
 from bindscope.discover.namespaces import (
     Memberships,
@@ -63,6 +63,12 @@ class Inventory:
         self._sockets: dict[int, socket.socket] = {}  # netns inode -> netlink socket in it
         self._names = ContainerNames()
         self._memberships = Memberships()
+        self._memo = netlink.Memo()
+        # netns inode -> (its dump, container, label, the sockets labelled with them)
+        self._labelled: dict[int, tuple[tuple[Socket, ...], str, str, tuple[Socket, ...]]] = {}
+        self._addresses: dict[str, tuple[InterfaceAddress, ...]] = {}
+        # netns inode (0: the host's) -> the watch of its addresses, None where none opens
+        self._watches: dict[int, AddressWatch | None] = {}
 
     @property
     def backend(self) -> str:
@@ -91,15 +97,51 @@ class Inventory:
                 views.append(view)
         for inode in set(self._sockets) - seen:  # the namespace is gone: let it go
             self._sockets.pop(inode).close()
+        for inode in set(self._watches) - seen - {0}:
+            watch = self._watches.pop(inode)
+            if watch is not None:
+                watch.close()
+        self._labelled = {i: v for i, v in self._labelled.items() if i in seen}
+        labels = [v.label for v in views]
+        self._addresses = {k: v for k, v in self._addresses.items() if k in labels}
         self._names.prune()
-        netlink.forget([HOST_NETNS, *(v.label for v in views)])
+        self._memo.forget(labels)
         return views
+
+    def _read_addresses(
+        self, key: int, label: str, path: str | None, read: Callable[[], list[InterfaceAddress]]
+    ) -> tuple[InterfaceAddress, ...]:
+        """The namespace's addresses: those of the last scan (the very tuple, so that later
+        stages tell by identity that nothing changed) unless its watch saw a change.
+
+        Raises OSError when they cannot be read."""
+        if key not in self._watches:
+            try:
+                self._watches[key] = (
+                    AddressWatch() if path is None else in_namespace(path, AddressWatch)
+                )
+            except OSError:
+                self._watches[key] = None  # read on every scan, as without a watch
+        watch = self._watches[key]
+        last = self._addresses.get(label)
+        if watch is not None and not watch.changed() and last is not None:
+            return last
+        try:
+            addresses = tuple(read())
+        except OSError:
+            if watch is not None:
+                watch.invalidate()
+            raise
+        if last == addresses:
+            return last
+        self._addresses[label] = addresses
+        return addresses
 
     def _host(self) -> NamespaceView:
         pids = None
         if self._backend in ("", "netlink"):
             try:
-                sockets = netlink.list_sockets()
+                sockets = netlink.list_sockets(memo=self._memo)
             except netlink.NetlinkUnavailable as e:
                 if self._backend == "netlink":
                     raise
@@ -112,7 +154,7 @@ class Inventory:
         if self._backend == "psutil":
             sockets, pids = psutil_backend.list_sockets()
         try:
-            addresses: tuple[InterfaceAddress, ...] | None = tuple(interface_addresses())
+            addresses = self._read_addresses(0, HOST_NETNS, None, interface_addresses)
         except OSError as e:
             self._error(ErrorSource.INTERFACES, str(e))
             addresses = None
@@ -139,19 +181,21 @@ class Inventory:
         if sockets is None:
             return None
         try:
-            addresses: tuple[InterfaceAddress, ...] | None = tuple(
-                InterfaceAddress(*a) for a in addresses_in_namespace(ns.path)
+            addresses = self._read_addresses(
+                ns.inode,
+                ns.label,
+                ns.path,
+                lambda: [InterfaceAddress(*a) for a in addresses_in_namespace(ns.path)],
             )
         except OSError as e:
             if e.errno != errno.EPERM:
                 self._error(ErrorSource.NETNS, f"{ns.label}: interfaces: {e}")
             addresses = None
-        return NamespaceView(
-            ns.label,
-            ns.kind,
-            ns.path,
-            container,
-            tuple(
+        last = self._labelled.get(ns.inode)
+        if last is not None and last[0] is sockets and last[1:3] == (container, ns.label):
+            labelled = last[3]
+        else:
+            labelled = tuple(
                 Socket(
                     s.protocol,
                     s.address,
@@ -164,17 +208,17 @@ class Inventory:
                     container=container,
                 )
                 for s in sockets
-            ),
-            addresses,
-        )
+            )
+            self._labelled[ns.inode] = (sockets, container, ns.label, labelled)
+        return NamespaceView(ns.label, ns.kind, ns.path, container, labelled, addresses)
 
-    def _dump(self, ns: Namespace) -> list[Socket] | None:
+    def _dump(self, ns: Namespace) -> tuple[Socket, ...] | None:
         sock = self._sockets.get(ns.inode)
         try:
             if sock is None:
                 sock = in_namespace(ns.path, netlink.open_socket)
                 self._sockets[ns.inode] = sock
-            return netlink.list_sockets(sock, netns=ns.label)
+            return netlink.list_sockets(sock, netns=ns.label, memo=self._memo)
         except Exception as e:
             # a dump that stopped half way leaves replies in the socket: never reuse it
             if sock is not None:
@@ -188,7 +232,7 @@ class Inventory:
                 self._error(ErrorSource.NETNS, f"{ns.label}: netlink: {e}")
             return None
 
-    def _proc_net(self, ns: Namespace) -> list[Socket] | None:
+    def _proc_net(self, ns: Namespace) -> tuple[Socket, ...] | None:
         for pid in ns.pids:
             try:
                 rows = read_proc_net(pid)
@@ -197,10 +241,10 @@ class Inventory:
             except OSError as e:
                 self._error(ErrorSource.NETNS, f"{ns.label}: /proc/{pid}/net: {e}")
                 return None
-            return [
+            return tuple(
                 Socket(Protocol(proto), addr, port, fam, None, inode, uid)
                 for proto, fam, addr, port, inode, uid in rows
-            ]
+            )
         self._error(
             ErrorSource.NETNS,
             f"{ns.label}: cannot enter it (no CAP_SYS_ADMIN) nor read a member's /proc/PID/net",
