@@ -1,8 +1,12 @@
 """Which process owns a socket inode, through /proc/PID/fd, looking only for what is asked.
 
 Walking every fd of every process costs ~300 ms on a busy host, so the resolver
-remembers inode -> (pid, fd), confirms a remembered entry with one readlink, and walks
-/proc only for inodes it has never seen. Inodes that no readable process holds (other
+remembers inode -> (pid, fd) and walks /proc only for inodes it has never seen. A
+remembered entry is confirmed with one readlink, or, where the kernel reports a process's
+number of open files as the size of /proc/PID/fd (Linux 6.2+), all of a process's
+entries at once with one stat while that number stays the same (a process that closed
+a socket and opened another file since is seen at the next full confirmation, at most
+CONFIRM_ALL seconds later). Inodes that no readable process holds (other
 users' processes without CAP_SYS_PTRACE, kernel sockets) are remembered too, and later
 only processes started since are searched for them.
 """
@@ -10,8 +14,9 @@ only processes started since are searched for them.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from bindscope.model import NO_PROCESS, ErrorSource, ProcessInfo
@@ -26,8 +31,18 @@ class Attribution:
 
 
 class InodeResolver:
-    def __init__(self, proc: str = "/proc") -> None:
+    CONFIRM_ALL = 30.0
+
+    def __init__(self, proc: str = "/proc", clock: Callable[[], float] = time.monotonic) -> None:
         self._proc = proc
+        self._clock = clock
+        self._confirmed_all = -self.CONFIRM_ALL
+        try:
+            self._counts = os.stat(f"{proc}/self/fd").st_size > 0
+        except OSError:
+            self._counts = False
+        self._fds: dict[int, int] = {}  # pid -> open files when its entries were confirmed
+        self._last: dict[int, ProcessInfo] = {}  # the owners returned last
         self._where: dict[int, tuple[int, int]] = {}  # inode -> (pid, fd)
         self._info: dict[int, ProcessInfo] = {}  # pid -> process
         self._unowned: set[int] = set()  # inodes no readable process held at the last walk
@@ -38,14 +53,27 @@ class InodeResolver:
         wanted = set(inodes)
         result = Attribution(owners={})
         missing: set[int] = set()
+        now = self._clock()
+        if now - self._confirmed_all >= self.CONFIRM_ALL:
+            self._confirmed_all = now
+            self._fds.clear()
+        unchanged: dict[int, bool] = {}  # pid -> its open files are as many as confirmed
+        counts: dict[int, int] = {}  # pid -> open files now, for those confirmed one by one
         for inode in wanted:
             where = self._where.get(inode)
-            if where is not None and self._confirm(inode, *where):
-                info = self._process(where[0], result.errors)
-                if info is not None:
-                    result.owners[inode] = info
-                    continue
+            if where is not None:
+                pid = where[0]
+                same = unchanged.get(pid)
+                if same is None:
+                    same = unchanged[pid] = self._same_files(pid, counts)
+                if same or self._confirm(inode, *where):
+                    info = self._process(pid, result.errors)
+                    if info is not None:
+                        result.owners[inode] = info
+                        continue
+                counts.pop(pid, None)  # not every entry held: count again next time
             missing.add(inode)
+        self._fds.update(counts)
         if missing:
             self._walk(missing, result)
         # forget what no longer listens, so memory follows the listeners, not history
@@ -53,7 +81,24 @@ class InodeResolver:
         self._unowned &= wanted
         live_pids = {pid for pid, _ in self._where.values()}
         self._info = {p: i for p, i in self._info.items() if p in live_pids}
+        self._fds = {p: n for p, n in self._fds.items() if p in live_pids}
+        # the very dict of the last call when nothing changed: callers tell by identity
+        if result.owners == self._last:
+            result.owners = self._last
+        self._last = result.owners
         return result
+
+    def _same_files(self, pid: int, counts: dict[int, int]) -> bool:
+        if not self._counts:
+            return False
+        try:
+            n = os.stat(f"{self._proc}/{pid}/fd").st_size
+        except OSError:
+            return False
+        if self._fds.get(pid) == n:
+            return True
+        counts[pid] = n
+        return False
 
     def _confirm(self, inode: int, pid: int, fd: int) -> bool:
         try:
