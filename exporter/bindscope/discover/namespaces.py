@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from bindscope.discover.addresses import interface_addresses
 from bindscope.discover.containers import ContainerRef, container_from_cgroup
+from bindscope.discover.processes import processes_signature
 from bindscope.model import HOST_NETNS, NamespaceKind
 
 T = TypeVar("T")
@@ -88,7 +89,7 @@ def enumerate_namespaces(
     own = os.stat(f"{proc}/self/ns/net")
     named_errors: list[str] = []
     named = _named_namespaces(run_netns, own.st_dev, named_errors)
-    basis = (_processes_signature(proc), named)
+    basis = (processes_signature(proc), named)
     if memo is not None:
         refresh = memo.begin()
         if not refresh and basis[0] is not None and memo.last and memo.last[0] == basis:
@@ -154,19 +155,6 @@ def enumerate_namespaces(
         memo.end(alive, {ns.inode for ns in found})
         memo.last = (basis, found, list(errors))
     return found, errors
-
-
-def _processes_signature(proc: str) -> tuple[int, str] | None:
-    """Changes whenever a process starts or exits, for the cost of two small reads
-    (listing /proc costs ~1 ms with 2000 processes): /proc's link count follows the
-    number of processes, and the last pid handed out (of a thread too) moves with every
-    start. None when this /proc tells neither (a fake tree in tests)."""
-    try:
-        with open(f"{proc}/loadavg") as f:
-            last_pid = f.read().rsplit(None, 1)[-1]
-        return os.stat(proc).st_nlink, last_pid
-    except (OSError, IndexError):
-        return None
 
 
 def _pids(members: dict[int, list[int]], inode: int) -> tuple[int, ...]:
