@@ -15,18 +15,10 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bindscope.discover import netlink, psutil_backend
+from bindscope.discover import netlink
 from bindscope.discover.addresses import AddressWatch, interface_addresses
-from bindscope.discover.containers import ContainerNames
-from bindscope.discover.namespaces import (
-    Memberships,
-    Namespace,
-    addresses_in_namespace,
-    enumerate_namespaces,
-    in_namespace,
-    read_proc_net,
-)
 from bindscope.model import (
     HOST_NETNS,
     ErrorSource,
@@ -35,6 +27,12 @@ from bindscope.model import (
     Protocol,
     Socket,
 )
+
+# other namespaces' and psutil's modules are imported when first needed: with the
+# namespaces collector off, or netlink working, they cost nothing
+if TYPE_CHECKING:
+    from bindscope.discover.containers import ContainerNames
+    from bindscope.discover.namespaces import Memberships, Namespace
 
 log = logging.getLogger("bindscope.discover")
 
@@ -61,8 +59,8 @@ class Inventory:
         self._backend = backend if backend != "auto" else ""
         self._namespaces = namespaces
         self._sockets: dict[int, socket.socket] = {}  # netns inode -> netlink socket in it
-        self._names = ContainerNames()
-        self._memberships = Memberships()
+        self._names: ContainerNames | None = None
+        self._memberships: Memberships | None = None
         self._memo = netlink.Memo()
         # netns inode -> (its dump, container, label, the sockets labelled with them)
         self._labelled: dict[int, tuple[tuple[Socket, ...], str, str, tuple[Socket, ...]]] = {}
@@ -78,6 +76,11 @@ class Inventory:
         views = [self._host()]
         if not self._namespaces:
             return views
+        from bindscope.discover.containers import ContainerNames
+        from bindscope.discover.namespaces import Memberships, enumerate_namespaces
+
+        if self._memberships is None or self._names is None:
+            self._memberships, self._names = Memberships(), ContainerNames()
         try:
             found, errors = enumerate_namespaces(memo=self._memberships)
         except OSError as e:
@@ -117,9 +120,12 @@ class Inventory:
         Raises OSError when they cannot be read."""
         if key not in self._watches:
             try:
-                self._watches[key] = (
-                    AddressWatch() if path is None else in_namespace(path, AddressWatch)
-                )
+                if path is None:
+                    self._watches[key] = AddressWatch()
+                else:
+                    from bindscope.discover.namespaces import in_namespace
+
+                    self._watches[key] = in_namespace(path, AddressWatch)
             except OSError:
                 self._watches[key] = None  # read on every scan, as without a watch
         watch = self._watches[key]
@@ -152,6 +158,8 @@ class Inventory:
                     self._backend = "netlink"
                     log.info("discovery backend", extra={"backend": "netlink"})
         if self._backend == "psutil":
+            from bindscope.discover import psutil_backend
+
             sockets, pids = psutil_backend.list_sockets()
         try:
             addresses = self._read_addresses(0, HOST_NETNS, None, interface_addresses)
@@ -174,6 +182,9 @@ class Inventory:
         if os.stat(ns.path).st_ino != ns.inode:
             self._error(ErrorSource.NETNS, f"{ns.label}: {ns.path} no longer leads to it")
             return None
+        from bindscope.discover.namespaces import addresses_in_namespace
+
+        assert self._names is not None  # made by collect() before any namespace is seen
         container = self._names.name(ns.container) if ns.container is not None else ""
         sockets = self._dump(ns)
         if sockets is None:
@@ -213,6 +224,8 @@ class Inventory:
         return NamespaceView(ns.label, ns.kind, ns.path, container, labelled, addresses)
 
     def _dump(self, ns: Namespace) -> tuple[Socket, ...] | None:
+        from bindscope.discover.namespaces import in_namespace
+
         sock = self._sockets.get(ns.inode)
         try:
             if sock is None:
@@ -233,6 +246,8 @@ class Inventory:
             return None
 
     def _proc_net(self, ns: Namespace) -> tuple[Socket, ...] | None:
+        from bindscope.discover.namespaces import read_proc_net
+
         for pid in ns.pids:
             try:
                 rows = read_proc_net(pid)
