@@ -1,10 +1,13 @@
 """Randomized changes, each followed by an incremental scan and a full one: run by
-test_incremental.py inside a test network namespace, never on its own.
+test_incremental.py inside a test network namespace and a pid namespace of its own
+(so that the namespaces in view are this run's alone), never on its own.
 
     python incremental_run.py SEED STEPS
 
 Each step makes one change (listeners opened and closed, binds changed, processes
-replaced on the same port, rules loaded, addresses added or removed), then scans with
+replaced on the same port, a socket handed over to another process, rules loaded,
+addresses added or removed, namespaces with a listener appearing and going), then scans
+with
 the long-lived Scanner (and its Renderer) and with a fresh Scanner, and compares the
 two: snapshot records equal, exposition byte-identical. Prints one JSON line: the
 steps run and the mismatches, each with the operations that led to it.
@@ -60,6 +63,15 @@ sys.stdin.read()
 """
 
 
+# a child that names itself "heir" and keeps the sockets it inherited until stdin closes
+HEIR = r"""
+import ctypes, sys
+ctypes.CDLL(None).prctl(15, b"heir", 0, 0, 0)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
 class World:
     """The sockets, children, rules and addresses of the namespace, changed at random."""
 
@@ -67,11 +79,12 @@ class World:
         self.rng = rng
         self.held: list[socket.socket] = []
         self.children: dict[tuple[str, int, bool], subprocess.Popen] = {}
-        self.present = set(HOST[:2])
+        self.namespaces: list[subprocess.Popen] = []
+        self.heirs: list[subprocess.Popen] = []
 
     def step(self) -> str:
         ops = (self.open, self.open, self.close, self.rebind, self.child, self.replace)
-        return self.rng.choice((*ops, self.rules, self.address))()
+        return self.rng.choice((*ops, self.handover, self.rules, self.address, self.namespace))()
 
     def _bind(self, address: str, port: int, udp: bool) -> socket.socket | None:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -121,6 +134,49 @@ class World:
             return f"rebind {port} -> {address}: refused"
         self.held[i] = s
         return f"rebind {port} -> {address}"
+
+    def handover(self) -> str:
+        """Another process takes over a socket, the same one: a child inherits it and this
+        process closes its own copy (as a server handing its socket to a new version)."""
+        if not self.held:
+            return "handover: nothing held"
+        s = self.held.pop(self.rng.randrange(len(self.held)))
+        p = subprocess.Popen(
+            [sys.executable, "-c", HEIR],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            pass_fds=[s.fileno()],
+        )
+        line = p.stdout.readline().strip() if p.stdout else ""
+        name = s.getsockname()[:2]
+        s.close()
+        if line != "ready":
+            self._stop(p)
+            return f"handover {name}: failed"
+        self.heirs.append(p)
+        return f"handover {name} to pid {p.pid}"
+
+    def namespace(self) -> str:
+        """A process in a network namespace of its own with one listener, or one gone."""
+        if self.namespaces and self.rng.random() < 0.4:
+            p = self.namespaces.pop(self.rng.randrange(len(self.namespaces)))
+            self._stop(p)
+            return f"namespace of pid {p.pid} gone"
+        address, port = self.rng.choice(("0.0.0.0", "127.0.0.1", "::")), self.rng.choice(PORTS)
+        holder = [sys.executable, "-c", HOLDER, address, str(port), "0"]
+        p = subprocess.Popen(
+            ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *holder],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = p.stdout.readline().strip() if p.stdout else ""
+        if line != "ready":
+            self._stop(p)
+            return f"namespace {address} {port}: {line or 'failed'}"
+        self.namespaces.append(p)
+        return f"namespace pid {p.pid} {address} {port}"
 
     def child(self) -> str:
         key = (self.rng.choice(ADDRESSES), self.rng.choice(PORTS), self.rng.random() < 0.2)
@@ -173,11 +229,23 @@ class World:
 
     def address(self) -> str:
         cidr = self.rng.choice(HOST)
-        verb = "del" if cidr in self.present else "add"
+        verb = "del" if cidr in self._present() else "add"
         extra = ["nodad"] if verb == "add" and ":" in cidr else []
         subprocess.run(["ip", "addr", verb, cidr, "dev", DEVICE, *extra], check=True, timeout=10)
-        self.present ^= {cidr}
         return f"address {verb} {cidr}"
+
+    @staticmethod
+    def _present() -> set[str]:
+        """The device's addresses now (removing a primary IPv4 address removes the
+        secondaries of its subnet too)."""
+        out = subprocess.run(
+            ["ip", "-o", "addr", "show", "dev", DEVICE],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+        return {line.split()[3] for line in out.splitlines()}
 
     @staticmethod
     def _stop(p: subprocess.Popen) -> None:
@@ -187,7 +255,7 @@ class World:
     def close_all(self) -> None:
         for s in self.held:
             s.close()
-        for p in self.children.values():
+        for p in [*self.children.values(), *self.namespaces, *self.heirs]:
             self._stop(p)
 
 
@@ -214,7 +282,7 @@ def main() -> int:
     seed, steps = int(sys.argv[1]), int(sys.argv[2])
     rng = random.Random(seed)
     config = parse_config(CONFIG, "incremental.yml")
-    options = {"namespaces": False, "published": False}
+    options = {"published": False}
     scanner, renderer = Scanner(**options), Renderer()
     world = World(rng)
     done: list[str] = []

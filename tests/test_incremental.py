@@ -1,8 +1,9 @@
 """An incremental scan says exactly what a full scan says, after any sequence of changes.
 
-Real sockets, processes, rules and addresses, all inside a test network namespace
-(198.51.100.0/24, 2001:db8::/32 on a veth pair), where incremental_run.py changes one
-thing at a time at random and compares the long-lived Scanner with a fresh one.
+Real sockets, processes, rules, addresses and namespaces, all inside a test network
+namespace (198.51.100.0/24, 2001:db8::/32 on a veth pair) and a pid namespace, where
+incremental_run.py changes one thing at a time at random and compares the long-lived
+Scanner with a fresh one.
 """
 
 import json
@@ -22,7 +23,7 @@ STEPS = 40
 @pytest.fixture
 def netns():
     require_root()
-    require_binary("ip", "nft")
+    require_binary("ip", "nft", "unshare")
     name = f"bss-{os.getpid()}-inc"  # the shape conftest removes after a killed run
     run("ip", "netns", "add", name)
     try:
@@ -44,8 +45,21 @@ def netns():
 def test_incremental_scans_equal_full_scans(netns, seed):
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     args = (str(seed), str(STEPS))
+    # a pid namespace, and an empty /run/netns, of its own: the scanners see the
+    # namespaces of this run's processes alone, and when it ends every one of them ends
+    isolated = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c"]
+    isolated.append('mount -t tmpfs tmpfs /run/netns && exec "$0" "$@"')
     done = subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, str(HERE / "incremental_run.py"), *args],
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            *isolated,
+            sys.executable,
+            str(HERE / "incremental_run.py"),
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
