@@ -16,8 +16,8 @@ import pytest
 from conftest import require_binary, require_root, run
 
 HERE = Path(__file__).parent
-SEEDS = (1, 2, 3, 4, 5, 6)
-STEPS = 40
+SEEDS = tuple(range(1, 11))
+STEPS = 60
 
 
 @pytest.fixture
