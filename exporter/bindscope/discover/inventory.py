@@ -59,6 +59,7 @@ class Inventory:
         self._backend = backend if backend != "auto" else ""
         self._namespaces = namespaces
         self._sockets: dict[int, socket.socket] = {}  # netns inode -> netlink socket in it
+        self._host_socket: socket.socket | None = None
         self._names: ContainerNames | None = None
         self._memberships: Memberships | None = None
         self._memo = netlink.Memo()
@@ -143,11 +144,24 @@ class Inventory:
         self._addresses[label] = addresses
         return addresses
 
+    def _host_dump(self) -> tuple[Socket, ...]:
+        # one socket kept, as for other namespaces: the replies of a socket that stays are
+        # the same bytes from dump to dump (they carry its port id), which the memo uses
+        if self._host_socket is None:
+            self._host_socket = netlink.open_socket()
+        try:
+            return netlink.list_sockets(self._host_socket, memo=self._memo)
+        except Exception:
+            # a dump that stopped half way leaves replies in the socket: never reuse it
+            self._host_socket.close()
+            self._host_socket = None
+            raise
+
     def _host(self) -> NamespaceView:
         pids = None
         if self._backend in ("", "netlink"):
             try:
-                sockets = netlink.list_sockets(memo=self._memo)
+                sockets = self._host_dump()
             except netlink.NetlinkUnavailable as e:
                 if self._backend == "netlink":
                     raise
