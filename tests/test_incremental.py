@@ -30,6 +30,11 @@ def netns():
         for cmd in (
             "ip link set lo up",
             "ip link add bsi0 type veth peer name bsi1",
+            # no address may appear by itself between two scans of a step: no link-local
+            # addresses, no duplicate address detection
+            "sysctl -qw net.ipv6.conf.all.accept_dad=0",
+            "ip link set bsi0 addrgenmode none",
+            "ip link set bsi1 addrgenmode none",
             "ip addr add 198.51.100.7/24 dev bsi0",
             "ip addr add 2001:db8::7/64 dev bsi0 nodad",
             "ip link set bsi1 up",

@@ -153,7 +153,11 @@ class InodeResolver:
             return
         self._walked_at = signature
         try:
-            pids = [int(p) for p in os.listdir(self._proc) if p.isdigit()]
+            # newest first: a socket new since the last scan is most often a new process's,
+            # so the walk ends early; and of the processes sharing a socket, the one that
+            # got it last is named (a server's new version, or the service systemd, pid 1,
+            # passed it to: systemd keeps its copy and comes last)
+            pids = sorted((int(p) for p in os.listdir(self._proc) if p.isdigit()), reverse=True)
         except OSError:
             result.errors[ErrorSource.PROC] += 1
             return
@@ -187,10 +191,7 @@ class InodeResolver:
                     continue
                 self._where[inode] = (pid, int(fd))
                 result.owners[inode] = info
-                # systemd holds socket-activated sockets too: the service it passed the
-                # socket to, found later in the walk, is the one to name
-                if pid != 1:
-                    del targets[link]
+                del targets[link]
                 if not targets:
                     break
             self._walked.add(pid)
