@@ -359,19 +359,32 @@ class Renderer:
 
     def __init__(self, max_listeners: int = 0) -> None:
         self._collector = SnapshotCollector(lambda: None, max_listeners)
-        self._cache: dict[int, tuple[object, bytes, bytes]] = {}  # part -> (key, plain, gz)
+        # the last exposition, and where each stable part lies in it: part -> (key,
+        # plain start, end, gzip start, end); the parts are kept only there, not twice
+        self._last: tuple[bytes, bytes] = (b"", b"")
+        self._where: dict[int, tuple[object, int, int, int, int]] = {}
 
     def render(self, snap: Snapshot) -> tuple[bytes, bytes]:
-        plain: list[bytes] = []
-        zipped: list[bytes] = []
+        last_plain, last_zipped = memoryview(self._last[0]), memoryview(self._last[1])
+        plain: list[bytes | memoryview] = []
+        zipped: list[bytes | memoryview] = []
+        where: dict[int, tuple[object, int, int, int, int]] = {}
+        at, zat = 0, 0
         for i, part in enumerate(self._collector.parts()):
             key = part.key(snap) if part.key is not None else None
-            cached = self._cache.get(i)
-            if cached is None or part.key is None or cached[0] != key:
+            known = self._where.get(i)
+            if part.key is not None and known is not None and known[0] == key:
+                text, member = last_plain[known[1] : known[2]], last_zipped[known[3] : known[4]]
+            else:
                 text = _text(part.families(snap))
-                cached = (key, text, gzip.compress(text, compresslevel=6))
-                if part.key is not None:
-                    self._cache[i] = cached
-            plain.append(cached[1])
-            zipped.append(cached[2])
-        return b"".join(plain), b"".join(zipped)
+                member = gzip.compress(text, compresslevel=6)
+            if part.key is not None:
+                where[i] = (key, at, at + len(text), zat, zat + len(member))
+            plain.append(text)
+            zipped.append(member)
+            at, zat = at + len(text), zat + len(member)
+        self._last = (b"".join(plain), b"".join(zipped))
+        self._where = where
+        last_plain.release()
+        last_zipped.release()
+        return self._last
