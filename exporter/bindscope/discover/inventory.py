@@ -176,7 +176,9 @@ class Inventory:
 
             sockets, pids = psutil_backend.list_sockets()
         try:
-            addresses = self._read_addresses(0, HOST_NETNS, None, interface_addresses)
+            addresses: tuple[InterfaceAddress, ...] | None = self._read_addresses(
+                0, HOST_NETNS, None, interface_addresses
+            )
         except OSError as e:
             self._error(ErrorSource.INTERFACES, str(e))
             addresses = None
@@ -206,7 +208,7 @@ class Inventory:
         if sockets is None:
             return None
         try:
-            addresses = self._read_addresses(
+            addresses: tuple[InterfaceAddress, ...] | None = self._read_addresses(
                 ns.inode,
                 ns.label,
                 ns.path,
