@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import os
 import socket
 import time
 from collections import Counter
@@ -109,9 +110,9 @@ class _Netfilter:
         self._nat = nat
         self._cache: dict[str, tuple[int | None, float, Netfilter]] = {}
         self._decisions: dict[str, _Decisions] = {}
-        # label -> a netlink socket opened inside that namespace once: asking its
+        # label -> (namespace inode, a netlink socket opened inside it once): asking its
         # generation then starts no thread
-        self._sockets: dict[str, socket.socket] = {}
+        self._sockets: dict[str, tuple[int, socket.socket]] = {}
 
     def decisions(self, view: NamespaceView) -> _Decisions:
         state = self._get(view.label, view.path)
@@ -150,22 +151,28 @@ class _Netfilter:
         from bindscope.netfilter.read import generation_id, open_netfilter_socket
 
         try:
-            sock = self._sockets.get(label)
-            if sock is None:
-                sock = self._sockets[label] = in_namespace(path, open_netfilter_socket)
-            return generation_id(sock)
+            # a name may come back for another namespace: the socket must be in this one
+            inode = os.stat(path).st_ino
+            kept = self._sockets.get(label)
+            if kept is None or kept[0] != inode:
+                self._drop(label)
+                kept = self._sockets[label] = (inode, in_namespace(path, open_netfilter_socket))
+            return generation_id(kept[1])
         except OSError:
-            dropped = self._sockets.pop(label, None)
-            if dropped is not None:
-                dropped.close()
+            self._drop(label)
             return None
+
+    def _drop(self, label: str) -> None:
+        kept = self._sockets.pop(label, None)
+        if kept is not None:
+            kept[1].close()
 
     def forget(self, labels: Collection[str]) -> None:
         for label in set(self._cache) - set(labels):
             del self._cache[label]
             self._decisions.pop(label, None)
         for label in set(self._sockets) - set(labels):
-            self._sockets.pop(label).close()
+            self._drop(label)
 
 
 class Scanner:
