@@ -153,12 +153,25 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBBI48s")
 
 
-def raw_listen_dump() -> int:
-    """The floor: a sock_diag dump of TCP LISTEN (IPv4 and IPv6), messages counted, not parsed."""
+# (IPPROTO, state bit): TCP LISTEN alone, and bound unconnected UDP (CLOSE)
+TCP_LISTEN = ((socket.IPPROTO_TCP, 1 << 10),)
+LISTEN_AND_UDP = (*TCP_LISTEN, (socket.IPPROTO_UDP, 1 << 7))
+
+
+def raw_listen_dump(
+    nl: socket.socket | None = None, requests: tuple[tuple[int, int], ...] = TCP_LISTEN
+) -> int:
+    """The floor: sock_diag dumps (IPv4 and IPv6; TCP LISTEN unless told), messages
+    counted, not parsed; in the namespace of nl (a fresh socket in ours by default)."""
+    if nl is None:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4) as own:
+            return raw_listen_dump(own, requests)
     count = 0
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4) as nl:
-        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
-            req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << 10, b"\0" * 48)
+    seq = 0
+    for ipproto, states in requests:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            seq += 1
+            req = _REQ.pack(family, ipproto, 0, 0, states, b"\0" * 48)
             nl.sendto(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), 20, 0x301, seq, 0) + req, (0, 0))
             done = False
             while not done:

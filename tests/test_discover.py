@@ -2,6 +2,8 @@
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -146,7 +148,59 @@ def test_resolver_names_the_service_not_systemd_for_socket_activation(tmp_path):
 
 def test_netlink_memo_forgets_namespaces_no_longer_seen(listen):
     listen("127.0.0.1")
-    netlink.list_sockets(netns="gone-ns")
-    assert "gone-ns" in netlink._memo
-    netlink.forget([HOST_NETNS])
-    assert "gone-ns" not in netlink._memo
+    memo = netlink.Memo()
+    netlink.list_sockets(netns="gone-ns", memo=memo)
+    assert "gone-ns" in memo
+    memo.forget([HOST_NETNS])
+    assert "gone-ns" not in memo
+
+
+def test_netlink_memo_returns_the_same_tuple_until_something_changes(listen):
+    memo = netlink.Memo()
+    # other programs on this host may open or close sockets meanwhile: two consecutive
+    # dumps that found the same are enough
+    for _ in range(20):
+        first = netlink.list_sockets(memo=memo)
+        if netlink.list_sockets(memo=memo) is first:
+            break
+    else:
+        pytest.fail("no two consecutive dumps returned the same tuple")
+    port = listen("127.0.0.1").getsockname()[1]
+    second = netlink.list_sockets(memo=memo)
+    assert second is not first and port in {s.port for s in second}
+    assert set(second) == set(netlink.list_sockets())  # as parsed without a memo
+
+
+_HOLDER = r"""
+import os, socket, sys
+held = [socket.socket() for _ in range(2)]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+print(" ".join(str(os.fstat(s.fileno()).st_ino) for s in held), flush=True)
+sys.stdin.readline()
+held.pop().close()
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_resolver_confirms_a_process_at_once_and_sees_it_close_a_socket():
+    """Two sockets of one process: found, confirmed again, and the closed one is let go."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        kept, closed = (int(i) for i in child.stdout.readline().split())
+        resolver = InodeResolver()
+        first = resolver.resolve({kept, closed})
+        assert {first.owners[i].pid for i in (kept, closed)} == {child.pid}
+        assert resolver.resolve({kept, closed}).owners is first.owners  # nothing changed
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "closed"
+        later = resolver.resolve({kept, closed})
+        assert later.owners[kept].pid == child.pid and closed not in later.owners
+    finally:
+        child.kill()
+        child.wait()

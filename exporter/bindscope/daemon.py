@@ -1,9 +1,9 @@
 """The exporter's running state: config, the scan thread, and the exposition it serves.
 
 A background thread scans on a timer and swaps in the rendered exposition of each
-completed scan, in each format, plain and gzipped; scrapes read that one reference and
-never wait for a scan nor compress it again. Peers, when configured, are watched by a
-thread of their own in the same way.
+completed scan, in each format, plain and gzipped (only the parts that moved are
+rendered again); scrapes read that one reference and never wait for a scan nor compress
+it again. Peers, when configured, are watched by a thread of their own in the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from bindscope.collector.peers import render as render_peers
 from bindscope.collector.peers import render_openmetrics as render_peers_openmetrics
 from bindscope.collector.runtime import ReloadState, RuntimeCollector
-from bindscope.collector.snapshot import render, render_openmetrics
+from bindscope.collector.snapshot import Renderer
 from bindscope.config.load import Config, ConfigError, ConfigIssue, parse_config
 from bindscope.model import PeerRound, Snapshot
 from bindscope.peers.watcher import PeerWatcher
@@ -135,7 +135,7 @@ class Daemon:
         self._config = config
         self._config_path = config_path
         self._scanner = scanner
-        self._max_listeners = max_listeners
+        self._renderers = {fmt: Renderer(max_listeners, fmt) for fmt in ("text", "openmetrics")}
         self._snapshot: Snapshot | None = None
         # format -> the scan's part; swapped whole, so a scrape sees one scan's
         self._body: dict[str, Exposition] = {
@@ -200,11 +200,9 @@ class Daemon:
 
     def scan_once(self) -> Snapshot:
         snap = self._scanner.scan(self._config)
-        openmetrics = render_openmetrics(snap, self._max_listeners).removesuffix(_EOF)
-        # one assignment each: a scrape sees the old exposition or the new, never a mix
+        # one assignment: a scrape sees the old exposition or the new, never a mix
         self._body = {
-            "text": Exposition.of(render(snap, self._max_listeners)),
-            "openmetrics": Exposition.of(openmetrics),
+            fmt: Exposition(*renderer.render(snap)) for fmt, renderer in self._renderers.items()
         }
         self._snapshot = snap
         return snap

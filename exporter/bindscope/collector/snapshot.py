@@ -1,9 +1,13 @@
-"""Prometheus metric families of a completed Snapshot, rendered once per scan."""
+"""Prometheus metric families of a completed Snapshot, rendered once per scan: what did not
+change since the last scan is not rendered again."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Callable, Iterator
+import gzip
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -20,6 +24,8 @@ from bindscope.model import (
     Status,
     worst_published,
 )
+
+Family = GaugeMetricFamily | CounterMetricFamily
 
 
 def _one_of(vocabulary: type[enum.Enum]) -> str:
@@ -40,10 +46,21 @@ class SnapshotCollector(Collector):
         snap = self._latest()
         if snap is None:
             return
-        yield from self._services(snap)
-        yield from self._listeners(snap)
-        yield from self._published(snap)
-        yield from self._scan(snap)
+        for part in self.parts():
+            yield from part.families(snap)
+
+    def parts(self) -> tuple[Part, ...]:
+        """The families in exposition order, in runs that are stable (they depend only on
+        verdicts, listeners and config) or moving (timestamps, durations, counters, probes)."""
+        return (
+            Part(self._services, _services_key),
+            Part(self._probes),
+            Part(self._listeners, lambda s: (s.listeners, s.unexpected)),
+            Part(self._published, _published_key),
+            Part(self._published_probes),
+            Part(self._namespaces, lambda s: s.namespaces),
+            Part(self._scan),
+        )
 
     def _services(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
         info = GaugeMetricFamily(
@@ -75,6 +92,18 @@ class SnapshotCollector(Collector):
             + ".",
             labels=["service", "exposure"],
         )
+        for v in snap.verdicts:
+            s = v.service
+            info.add_metric([s.name, s.protocol.value, str(s.port), s.expose.value], 1)
+            listening.add_metric([s.name], float(v.listening))
+            for st in Status:
+                status.add_metric([s.name, st.value], float(v.status is st))
+            for ex in Exposure:
+                exposure.add_metric([s.name, ex.value], float(v.exposure is ex))
+                effective.add_metric([s.name, ex.value], float(v.effective_exposure is ex))
+        yield from (info, listening, status, exposure, effective)
+
+    def _probes(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
         success = GaugeMetricFamily(
             "bindscope_probe_success",
             "1 if a TCP connect to the address and the service's port succeeded in the last scan.",
@@ -86,18 +115,10 @@ class SnapshotCollector(Collector):
             labels=["service", "address"],
         )
         for v in snap.verdicts:
-            s = v.service
-            info.add_metric([s.name, s.protocol.value, str(s.port), s.expose.value], 1)
-            listening.add_metric([s.name], float(v.listening))
-            for st in Status:
-                status.add_metric([s.name, st.value], float(v.status is st))
-            for ex in Exposure:
-                exposure.add_metric([s.name, ex.value], float(v.exposure is ex))
-                effective.add_metric([s.name, ex.value], float(v.effective_exposure is ex))
             for p in v.probes:
-                success.add_metric([s.name, p.address], float(p.success))
-                duration.add_metric([s.name, p.address], p.duration)
-        yield from (info, listening, status, exposure, effective, success, duration)
+                success.add_metric([v.service.name, p.address], float(p.success))
+                duration.add_metric([v.service.name, p.address], p.duration)
+        yield from (success, duration)
 
     def _listeners(self, snap: Snapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         info = GaugeMetricFamily(
@@ -215,13 +236,7 @@ class SnapshotCollector(Collector):
                 "target_port",
             ],
         )
-        probe = GaugeMetricFamily(
-            "bindscope_published_port_probe_success",
-            "1 if a TCP connect from the host to the published port's target succeeded.",
-            labels=["container", "protocol", "host_port", "target_address", "target_port"],
-        )
         seen: set[tuple[str, ...]] = set()
-        probed: set[tuple[str, ...]] = set()
         for p in snap.published:
             labels = (
                 p.container,
@@ -234,6 +249,27 @@ class SnapshotCollector(Collector):
             if labels not in seen:
                 seen.add(labels)
                 info.add_metric(list(labels), 1)
+        status = GaugeMetricFamily(
+            "bindscope_published_port_status",
+            "Whether a published port leads to a listener, one-hot: ok, not_listening, "
+            "loopback_only (inside, the app listens on loopback only).",
+            labels=["container", "protocol", "host_port", "status"],
+        )
+        for (container, protocol, host_port), p in worst_published(snap.published).items():
+            for st in PublishedStatus:
+                status.add_metric(
+                    [container, protocol, str(host_port), st.value], float(p.status is st)
+                )
+        yield from (info, status)
+
+    def _published_probes(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
+        probe = GaugeMetricFamily(
+            "bindscope_published_port_probe_success",
+            "1 if a TCP connect from the host to the published port's target succeeded.",
+            labels=["container", "protocol", "host_port", "target_address", "target_port"],
+        )
+        probed: set[tuple[str, ...]] = set()
+        for p in snap.published:
             # docker-proxy publishes one port on 0.0.0.0 and on :: to the same target:
             # one probe series for both
             target = (
@@ -246,18 +282,9 @@ class SnapshotCollector(Collector):
             if p.probe is not None and target not in probed:
                 probed.add(target)
                 probe.add_metric(list(target), float(p.probe.success))
-        status = GaugeMetricFamily(
-            "bindscope_published_port_status",
-            "Whether a published port leads to a listener, one-hot: ok, not_listening, "
-            "loopback_only (inside, the app listens on loopback only).",
-            labels=["container", "protocol", "host_port", "status"],
-        )
-        for (container, protocol, host_port), p in worst_published(snap.published).items():
-            for st in PublishedStatus:
-                status.add_metric(
-                    [container, protocol, str(host_port), st.value], float(p.status is st)
-                )
-        yield from (info, status, probe)
+        yield probe
+
+    def _namespaces(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
         kinds = GaugeMetricFamily(
             "bindscope_network_namespaces",
             "Network namespaces scanned, by kind: host, container, named (ip netns), other.",
@@ -293,15 +320,103 @@ class SnapshotCollector(Collector):
         yield errors
 
 
-def render(snap: Snapshot | None, max_listeners: int = 0) -> bytes:
-    """The text exposition of a snapshot, made once per scan and served to every scrape."""
+def _services_key(snap: Snapshot) -> object:
+    return tuple((v.service, v.status, v.exposure, v.listening, v.effective) for v in snap.verdicts)
+
+
+def _published_key(snap: Snapshot) -> object:
+    return tuple(dataclasses.replace(p, probe=None) for p in snap.published)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of families; `key` gives what a stable run depends on (None: moving)."""
+
+    families: Callable[[Snapshot], Iterable[Family]]
+    key: Callable[[Snapshot], object] | None = None
+
+
+class _Families(Collector):
+    def __init__(self, families: Iterable[Family]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Family]:
+        yield from self._families
+
+
+def _text(families: Iterable[Family]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: snap, max_listeners))
+    registry.register(_Families(families))
     return generate_latest(registry)
 
 
-def render_openmetrics(snap: Snapshot | None, max_listeners: int = 0) -> bytes:
-    """The same exposition in OpenMetrics, made once per scan beside the text one."""
+_EOF = b"# EOF\n"
+
+
+def _openmetrics(families: Iterable[Family]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: snap, max_listeners))
-    return generate_openmetrics(registry)
+    registry.register(_Families(families))
+    # one `# EOF` ends the whole exposition, not each part of it
+    return generate_openmetrics(registry).removesuffix(_EOF)
+
+
+def _families_in(fmt: str, families: Iterable[Family]) -> bytes:
+    return _openmetrics(families) if fmt == "openmetrics" else _text(families)
+
+
+def render(snap: Snapshot | None, max_listeners: int = 0, fmt: str = "text") -> bytes:
+    """The exposition of a snapshot, rendered in full; OpenMetrics without its `# EOF`
+    (the runtime part, served last, ends the exposition)."""
+    if snap is None:
+        return b""
+    collector = SnapshotCollector(lambda: snap, max_listeners)
+    return b"".join(_families_in(fmt, part.families(snap)) for part in collector.parts())
+
+
+def render_openmetrics(snap: Snapshot | None, max_listeners: int = 0) -> bytes:
+    """The same exposition in OpenMetrics, whole: `# EOF` included."""
+    return render(snap, max_listeners, "openmetrics") + _EOF
+
+
+class Renderer:
+    """The exposition of each scan, plain and gzipped, rendering only what moved.
+
+    A stable part is rendered and compressed again only when what it depends on differs
+    from the last scan (compared by value; a scan that found nothing new hands over the
+    same records, so the comparison stops at their identity). Moving parts are small and
+    made every time. The gzipped exposition is one gzip member per part: consecutive
+    members are one valid gzip stream. Equal, byte for byte, to render() in its format.
+    """
+
+    def __init__(self, max_listeners: int = 0, fmt: str = "text") -> None:
+        self._collector = SnapshotCollector(lambda: None, max_listeners)
+        self._fmt = fmt
+        # the last exposition, and where each stable part lies in it: part -> (key,
+        # plain start, end, gzip start, end); the parts are kept only there, not twice
+        self._last: tuple[bytes, bytes] = (b"", b"")
+        self._where: dict[int, tuple[object, int, int, int, int]] = {}
+
+    def render(self, snap: Snapshot) -> tuple[bytes, bytes]:
+        last_plain, last_zipped = memoryview(self._last[0]), memoryview(self._last[1])
+        plain: list[bytes | memoryview] = []
+        zipped: list[bytes | memoryview] = []
+        where: dict[int, tuple[object, int, int, int, int]] = {}
+        at, zat = 0, 0
+        for i, part in enumerate(self._collector.parts()):
+            key = part.key(snap) if part.key is not None else None
+            known = self._where.get(i)
+            if part.key is not None and known is not None and known[0] == key:
+                text, member = last_plain[known[1] : known[2]], last_zipped[known[3] : known[4]]
+            else:
+                text = _families_in(self._fmt, part.families(snap))
+                member = gzip.compress(text, compresslevel=6)
+            if part.key is not None:
+                where[i] = (key, at, at + len(text), zat, zat + len(member))
+            plain.append(text)
+            zipped.append(member)
+            at, zat = at + len(text), zat + len(member)
+        self._last = (b"".join(plain), b"".join(zipped))
+        self._where = where
+        last_plain.release()
+        last_zipped.release()
+        return self._last

@@ -14,20 +14,12 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bindscope.discover import netlink, psutil_backend
-from bindscope.discover.addresses import interface_addresses
-from bindscope.discover.containers import ContainerNames
-from bindscope.discover.namespaces import (
-    Memberships,
-    Namespace,
-    addresses_in_namespace,
-    enumerate_namespaces,
-    in_namespace,
-    read_proc_net,
-)
+from bindscope.discover import netlink
+from bindscope.discover.addresses import AddressWatch, interface_addresses
 from bindscope.model import (
     HOST_NETNS,
     ErrorSource,
@@ -36,6 +28,12 @@ from bindscope.model import (
     Protocol,
     Socket,
 )
+
+# other namespaces' and psutil's modules are imported when first needed: with the
+# namespaces collector off, or netlink working, they cost nothing
+if TYPE_CHECKING:
+    from bindscope.discover.containers import ContainerNames
+    from bindscope.discover.namespaces import Memberships, Namespace
 
 log = logging.getLogger("bindscope.discover")
 
@@ -57,15 +55,20 @@ class NamespaceView:
 
 
 def with_devices(
-    sockets: Iterable[Socket], addresses: Iterable[InterfaceAddress] | None
-) -> Iterator[Socket]:
-    """The sockets, each bound to a device named after it in its namespace."""
+    sockets: tuple[Socket, ...], addresses: Iterable[InterfaceAddress] | None
+) -> tuple[Socket, ...]:
+    """The sockets, each bound to a device named after it in its namespace; the same
+    tuple when none is (a steady scan compares the host's sockets by identity first)."""
+    if not any(s.ifindex and not s.device for s in sockets):
+        return sockets
     names = {a.index: a.interface for a in addresses or ()}
-    for s in sockets:
-        if s.ifindex and not s.device:
-            # a device without addresses: no name known, and none of its addresses to count
-            s = dataclasses.replace(s, device=names.get(s.ifindex, f"#{s.ifindex}"))
-        yield s
+    # a device without addresses: no name known, and none of its addresses to count
+    return tuple(
+        dataclasses.replace(s, device=names.get(s.ifindex, f"#{s.ifindex}"))
+        if s.ifindex and not s.device
+        else s
+        for s in sockets
+    )
 
 
 class Inventory:
@@ -74,8 +77,24 @@ class Inventory:
         self._backend = backend if backend != "auto" else ""
         self._namespaces = namespaces
         self._sockets: dict[int, socket.socket] = {}  # netns inode -> netlink socket in it
-        self._names = ContainerNames()
-        self._memberships = Memberships()
+        self._host_socket: socket.socket | None = None
+        self._names: ContainerNames | None = None
+        self._memberships: Memberships | None = None
+        self._memo = netlink.Memo()
+        # netns inode -> (its dump, container, label, addresses, the sockets labelled with them)
+        self._labelled: dict[
+            int,
+            tuple[
+                tuple[Socket, ...],
+                str,
+                str,
+                tuple[InterfaceAddress, ...] | None,
+                tuple[Socket, ...],
+            ],
+        ] = {}
+        self._addresses: dict[str, tuple[InterfaceAddress, ...]] = {}
+        # netns inode (0: the host's) -> the watch of its addresses, None where none opens
+        self._watches: dict[int, AddressWatch | None] = {}
 
     @property
     def backend(self) -> str:
@@ -85,6 +104,11 @@ class Inventory:
         views = [self._host()]
         if not self._namespaces:
             return views
+        from bindscope.discover.containers import ContainerNames
+        from bindscope.discover.namespaces import Memberships, enumerate_namespaces
+
+        if self._memberships is None or self._names is None:
+            self._memberships, self._names = Memberships(), ContainerNames()
         try:
             found, errors = enumerate_namespaces(memo=self._memberships)
         except OSError as e:
@@ -104,15 +128,67 @@ class Inventory:
                 views.append(view)
         for inode in set(self._sockets) - seen:  # the namespace is gone: let it go
             self._sockets.pop(inode).close()
+        for inode in set(self._watches) - seen - {0}:
+            watch = self._watches.pop(inode)
+            if watch is not None:
+                watch.close()
+        self._labelled = {i: v for i, v in self._labelled.items() if i in seen}
+        labels = [v.label for v in views]
+        self._addresses = {k: v for k, v in self._addresses.items() if k in labels}
         self._names.prune()
-        netlink.forget([HOST_NETNS, *(v.label for v in views)])
+        self._memo.forget(labels)
         return views
+
+    def _read_addresses(
+        self, key: int, label: str, path: str | None, read: Callable[[], list[InterfaceAddress]]
+    ) -> tuple[InterfaceAddress, ...]:
+        """The namespace's addresses: those of the last scan (the very tuple, so that later
+        stages tell by identity that nothing changed) unless its watch saw a change.
+
+        Raises OSError when they cannot be read."""
+        if key not in self._watches:
+            try:
+                if path is None:
+                    self._watches[key] = AddressWatch()
+                else:
+                    from bindscope.discover.namespaces import in_namespace
+
+                    self._watches[key] = in_namespace(path, AddressWatch)
+            except OSError:
+                self._watches[key] = None  # read on every scan, as without a watch
+        watch = self._watches[key]
+        last = self._addresses.get(label)
+        if watch is not None and not watch.changed() and last is not None:
+            return last
+        try:
+            addresses = tuple(read())
+        except OSError:
+            if watch is not None:
+                watch.invalidate()
+            raise
+        if last == addresses:
+            return last
+        self._addresses[label] = addresses
+        return addresses
+
+    def _host_dump(self) -> tuple[Socket, ...]:
+        # one socket kept, as for other namespaces: the replies of a socket that stays are
+        # the same bytes from dump to dump (they carry its port id), which the memo uses
+        if self._host_socket is None:
+            self._host_socket = netlink.open_socket()
+        try:
+            return netlink.list_sockets(self._host_socket, memo=self._memo)
+        except Exception:
+            # a dump that stopped half way leaves replies in the socket: never reuse it
+            self._host_socket.close()
+            self._host_socket = None
+            raise
 
     def _host(self) -> NamespaceView:
         pids = None
         if self._backend in ("", "netlink"):
             try:
-                sockets = netlink.list_sockets()
+                sockets = self._host_dump()
             except netlink.NetlinkUnavailable as e:
                 if self._backend == "netlink":
                     raise
@@ -123,9 +199,13 @@ class Inventory:
                     self._backend = "netlink"
                     log.info("discovery backend", extra={"backend": "netlink"})
         if self._backend == "psutil":
+            from bindscope.discover import psutil_backend
+
             sockets, pids = psutil_backend.list_sockets()
         try:
-            addresses: tuple[InterfaceAddress, ...] | None = tuple(interface_addresses())
+            addresses: tuple[InterfaceAddress, ...] | None = self._read_addresses(
+                0, HOST_NETNS, None, interface_addresses
+            )
         except OSError as e:
             self._error(ErrorSource.INTERFACES, str(e))
             addresses = None
@@ -134,7 +214,7 @@ class Inventory:
             NamespaceKind.HOST.value,
             "/proc/self/ns/net",
             "",
-            tuple(with_devices(sockets, addresses)),
+            with_devices(tuple(sockets), addresses),
             addresses,
             pids,
         )
@@ -145,6 +225,9 @@ class Inventory:
         if os.stat(ns.path).st_ino != ns.inode:
             self._error(ErrorSource.NETNS, f"{ns.label}: {ns.path} no longer leads to it")
             return None
+        from bindscope.discover.namespaces import addresses_in_namespace
+
+        assert self._names is not None  # made by collect() before any namespace is seen
         container = self._names.name(ns.container) if ns.container is not None else ""
         sockets = self._dump(ns)
         if sockets is None:
@@ -152,34 +235,40 @@ class Inventory:
         if sockets is None:
             return None
         try:
-            addresses: tuple[InterfaceAddress, ...] | None = tuple(
-                InterfaceAddress(*a) for a in addresses_in_namespace(ns.path)
+            addresses: tuple[InterfaceAddress, ...] | None = self._read_addresses(
+                ns.inode,
+                ns.label,
+                ns.path,
+                lambda: [InterfaceAddress(*a) for a in addresses_in_namespace(ns.path)],
             )
         except OSError as e:
             if e.errno != errno.EPERM:
                 self._error(ErrorSource.NETNS, f"{ns.label}: interfaces: {e}")
             addresses = None
-        return NamespaceView(
-            ns.label,
-            ns.kind,
-            ns.path,
-            container,
-            tuple(
-                with_devices(
-                    (dataclasses.replace(s, netns=ns.label, container=container) for s in sockets),
-                    addresses,
-                )
-            ),
-            addresses,
-        )
+        last = self._labelled.get(ns.inode)
+        if (
+            last is not None
+            and last[0] is sockets
+            and last[1:4] == (container, ns.label, addresses)
+        ):
+            labelled = last[4]
+        else:
+            labelled = with_devices(
+                tuple(dataclasses.replace(s, netns=ns.label, container=container) for s in sockets),
+                addresses,
+            )
+            self._labelled[ns.inode] = (sockets, container, ns.label, addresses, labelled)
+        return NamespaceView(ns.label, ns.kind, ns.path, container, labelled, addresses)
 
-    def _dump(self, ns: Namespace) -> list[Socket] | None:
+    def _dump(self, ns: Namespace) -> tuple[Socket, ...] | None:
+        from bindscope.discover.namespaces import in_namespace
+
         sock = self._sockets.get(ns.inode)
         try:
             if sock is None:
                 sock = in_namespace(ns.path, netlink.open_socket)
                 self._sockets[ns.inode] = sock
-            return netlink.list_sockets(sock, netns=ns.label)
+            return netlink.list_sockets(sock, netns=ns.label, memo=self._memo)
         except Exception as e:
             # a dump that stopped half way leaves replies in the socket: never reuse it
             if sock is not None:
@@ -193,7 +282,9 @@ class Inventory:
                 self._error(ErrorSource.NETNS, f"{ns.label}: netlink: {e}")
             return None
 
-    def _proc_net(self, ns: Namespace) -> list[Socket] | None:
+    def _proc_net(self, ns: Namespace) -> tuple[Socket, ...] | None:
+        from bindscope.discover.namespaces import read_proc_net
+
         for pid in ns.pids:
             try:
                 rows = read_proc_net(pid)
@@ -202,10 +293,10 @@ class Inventory:
             except OSError as e:
                 self._error(ErrorSource.NETNS, f"{ns.label}: /proc/{pid}/net: {e}")
                 return None
-            return [
+            return tuple(
                 Socket(Protocol(proto), addr, port, fam, None, inode, uid)
                 for proto, fam, addr, port, inode, uid in rows
-            ]
+            )
         self._error(
             ErrorSource.NETNS,
             f"{ns.label}: cannot enter it (no CAP_SYS_ADMIN) nor read a member's /proc/PID/net",

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from bindscope.discover.addresses import interface_addresses
 from bindscope.discover.containers import ContainerRef, container_from_cgroup
+from bindscope.discover.processes import processes_signature
 from bindscope.model import HOST_NETNS, NamespaceKind
 
 T = TypeVar("T")
@@ -58,6 +59,8 @@ class Memberships:
         self.inode_of: dict[int, int] = {}
         self.containers_of: dict[int, tuple[ContainerRef, ...]] = {}
         self._refreshed = -self.REFRESH
+        # (processes signature, named namespaces) of the last walk, and what it found
+        self.last: tuple[object, list[Namespace], list[str]] | None = None
 
     def begin(self) -> bool:
         """Start a scan; True when every pid is to be read again."""
@@ -84,10 +87,15 @@ def enumerate_namespaces(
     """
     errors: list[str] = []
     own = os.stat(f"{proc}/self/ns/net")
+    named_errors: list[str] = []
+    named = _named_namespaces(run_netns, own.st_dev, named_errors)
+    basis = (processes_signature(proc), named)
+    if memo is not None:
+        refresh = memo.begin()
+        if not refresh and basis[0] is not None and memo.last and memo.last[0] == basis:
+            return memo.last[1], list(memo.last[2])
     members: dict[int, list[int]] = {}
     denied = 0
-    if memo is not None:
-        memo.begin()
     known = memo.inode_of if memo is not None else {}
     alive: set[int] = set()
     for entry in os.scandir(proc):
@@ -111,8 +119,7 @@ def enumerate_namespaces(
         members.setdefault(inode, []).append(pid)
     if denied:
         errors.append(f"{denied} processes' {proc}/PID/ns/net not readable (permission denied)")
-
-    named = _named_namespaces(run_netns, own.st_dev, errors)
+    errors += named_errors
     found = [
         Namespace(
             own.st_ino,
@@ -146,6 +153,7 @@ def enumerate_namespaces(
         found.append(Namespace(inode, label, path, pids, kind, refs))
     if memo is not None:
         memo.end(alive, {ns.inode for ns in found})
+        memo.last = (basis, found, list(errors))
     return found, errors
 
 

@@ -4,9 +4,9 @@ The request asks for the LISTEN state bit alone (TCP) and the CLOSE bit alone (U
 and unconnected): any other bit makes the kernel walk every connection on the host, so
 the cost of a dump grows with listeners, not with established connections.
 
-Parsing a record costs more than the kernel takes to send it, so each namespace's
-sockets are remembered by their raw record and a record seen at the last dump is not
-parsed again: a steady dump costs little more than the kernel's own work.
+Parsing a record costs more than the kernel takes to send it, so a caller's Memo keeps
+what each namespace's last dump received: bytes equal to last time are not parsed again,
+and a steady dump costs little more than the kernel's own work.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import socket
 import struct
 import threading
-from collections import OrderedDict
 from collections.abc import Collection
 
 from bindscope.model import HOST_NETNS, Protocol, Socket
@@ -58,58 +57,92 @@ def open_socket() -> socket.socket:
         raise NetlinkUnavailable(f"netlink sock_diag unavailable: {e}") from e
 
 
-# netns label -> {record key: Socket} of its last dump; at most MEMO_NAMESPACES of them
-MEMO_NAMESPACES = 256
-_memo: OrderedDict[str, dict[tuple, Socket]] = OrderedDict()
-_memo_lock = threading.Lock()
+# what one chunk (one recv) of a dump held: its bytes, whether it ended the dump, and
+# its records as (key, Socket)
+_Chunk = tuple[bytes, bool, tuple[tuple[tuple, Socket], ...]]
 
 
-def forget(keep: Collection[str]) -> None:
-    """Drop the memo of every namespace but these (the ones the last scan saw)."""
-    with _memo_lock:
-        for netns in [n for n in _memo if n not in keep]:
-            del _memo[netns]
+class Memo:
+    """What the last dump of each namespace received, kept by its caller between scans.
+
+    The kernel sends a listener's record the same from dump to dump, so a chunk equal
+    to the one received at the same place last time needs no parsing, and a dump whose
+    every chunk is equal returns the very tuple it returned then: a caller can tell
+    "nothing changed" by identity. A chunk that differs is parsed, reusing each record
+    seen before (a busy UDP socket's queue moves; its record is parsed again).
+    """
+
+    def __init__(self) -> None:
+        # netns label -> ({(seq, chunk index): chunk}, the sockets they made)
+        self._last: dict[str, tuple[dict[tuple[int, int], _Chunk], tuple[Socket, ...]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, netns: str) -> tuple[dict[tuple[int, int], _Chunk], tuple[Socket, ...]]:
+        with self._lock:
+            return self._last.get(netns, ({}, ()))
+
+    def put(
+        self, netns: str, chunks: dict[tuple[int, int], _Chunk], sockets: tuple[Socket, ...]
+    ) -> None:
+        with self._lock:
+            self._last[netns] = (chunks, sockets)
+
+    def forget(self, keep: Collection[str]) -> None:
+        """Drop every namespace but these (the ones the last scan saw)."""
+        with self._lock:
+            for netns in [n for n in self._last if n not in keep]:
+                del self._last[netns]
+
+    def __contains__(self, netns: str) -> bool:
+        return netns in self._last
 
 
-def list_sockets(sock: socket.socket | None = None, netns: str = HOST_NETNS) -> list[Socket]:
+def list_sockets(
+    sock: socket.socket | None = None, netns: str = HOST_NETNS, memo: Memo | None = None
+) -> tuple[Socket, ...]:
     """Every TCP listener and bound UDP socket, IPv4 and IPv6, in the socket's namespace.
 
-    Pass a netlink socket opened inside another network namespace to list that one.
+    Pass a netlink socket opened inside another network namespace to list that one, and
+    a Memo kept between calls to skip parsing what the last call already parsed.
     """
     own = sock is None
     nl = open_socket() if sock is None else sock
-    with _memo_lock:
-        previous = _memo.get(netns, {})
-    seen: dict[tuple, Socket] = {}
+    last_chunks, last_sockets = memo.get(netns) if memo is not None else ({}, ())
+    known: dict[tuple, Socket] | None = None  # records of the last dump, built when needed
+    chunks: dict[tuple[int, int], _Chunk] = {}
+    unchanged = bool(last_chunks)
     try:
         seq = 0
         for protocol, ipproto, states in _QUERIES:
             for family in (socket.AF_INET, socket.AF_INET6):
                 seq += 1
-                _dump(nl, seq, protocol, ipproto, family, states, netns, previous, seen)
+                _request(nl, seq, ipproto, family, states)
+                final = False
+                while not final:
+                    data = nl.recv(1 << 16)
+                    where = (seq, len(chunks))
+                    chunk = last_chunks.get(where)
+                    if chunk is None or chunk[0] != data:
+                        unchanged = False
+                        if known is None:
+                            known = {k: s for c in last_chunks.values() for k, s in c[2]}
+                        chunk = _parse_chunk(data, seq, protocol, ipproto, netns, known)
+                    chunks[where] = chunk
+                    final = chunk[1]
     finally:
         if own:
             nl.close()
-    with _memo_lock:
+    if unchanged and len(chunks) == len(last_chunks):
+        return last_sockets
+    # one socket per record: the same record twice in a dump is one socket
+    sockets = tuple({k: s for c in chunks.values() for k, s in c[2]}.values())
+    if memo is not None:
         # only what listens now: memory follows the listeners, not their history
-        _memo[netns] = seen
-        _memo.move_to_end(netns)
-        while len(_memo) > MEMO_NAMESPACES:
-            _memo.popitem(last=False)
-    return list(seen.values())
+        memo.put(netns, chunks, sockets)
+    return sockets
 
 
-def _dump(
-    nl: socket.socket,
-    seq: int,
-    protocol: Protocol,
-    ipproto: int,
-    family: int,
-    states: int,
-    netns: str,
-    previous: dict[tuple, Socket],
-    seen: dict[tuple, Socket],
-) -> None:
+def _request(nl: socket.socket, seq: int, ipproto: int, family: int, states: int) -> None:
     req = _REQ.pack(family, ipproto, 0, 0, states, b"\0" * 48)
     hdr = _NLMSGHDR.pack(
         _NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
@@ -118,36 +151,43 @@ def _dump(
         nl.sendto(hdr + req, (0, 0))
     except OSError as e:
         raise NetlinkUnavailable(f"netlink sock_diag request failed: {e}") from e
+
+
+def _parse_chunk(
+    data: bytes,
+    seq: int,
+    protocol: Protocol,
+    ipproto: int,
+    netns: str,
+    known: dict[tuple, Socket],
+) -> _Chunk:
+    """One recv of a dump: whether it ended the dump, and its records."""
+    found: list[tuple[tuple, Socket]] = []
     unpack_header = _NLMSGHDR.unpack_from
-    while True:
-        data = nl.recv(1 << 16)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, mtype, _flags, mseq, _pid = unpack_header(data, offset)
-            if length < _NLMSGHDR.size:
-                return
-            if mseq == seq:
-                if mtype == NLMSG_DONE:
-                    return
-                if mtype == NLMSG_ERROR:
-                    (errno,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-                    if errno:
-                        raise NetlinkUnavailable(f"netlink sock_diag error: {os.strerror(-errno)}")
-                    return
-                start = offset + _NLMSGHDR.size
-                # a UDP socket with port 0 is not bound: nothing listens
-                if mtype == SOCK_DIAG_BY_FAMILY and (
-                    data[start + _SPORT] or data[start + _SPORT + 1]
-                ):
-                    # the record as the kernel wrote it: a listener's is the same from
-                    # dump to dump (a busy UDP socket's queue moves: it is parsed again)
-                    key = (ipproto, data[start : offset + length])
-                    parsed = previous.get(key)
-                    if parsed is None:
-                        parsed = _parse(data, start, offset + length, protocol, netns)
-                    if parsed is not None:
-                        seen[key] = parsed
-            offset += (length + 3) & ~3
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, mtype, _flags, mseq, _pid = unpack_header(data, offset)
+        if length < _NLMSGHDR.size:
+            return data, True, tuple(found)
+        if mseq == seq:
+            if mtype == NLMSG_DONE:
+                return data, True, tuple(found)
+            if mtype == NLMSG_ERROR:
+                (errno,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
+                if errno:
+                    raise NetlinkUnavailable(f"netlink sock_diag error: {os.strerror(-errno)}")
+                return data, True, tuple(found)
+            start = offset + _NLMSGHDR.size
+            # a UDP socket with port 0 is not bound: nothing listens
+            if mtype == SOCK_DIAG_BY_FAMILY and (data[start + _SPORT] or data[start + _SPORT + 1]):
+                key = (ipproto, data[start : offset + length])
+                parsed = known.get(key)
+                if parsed is None:
+                    parsed = _parse(data, start, offset + length, protocol, netns)
+                if parsed is not None:
+                    found.append((key, parsed))
+        offset += (length + 3) & ~3
+    return data, False, tuple(found)
 
 
 def _parse(data: bytes, start: int, end: int, protocol: Protocol, netns: str) -> Socket | None:

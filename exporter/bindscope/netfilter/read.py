@@ -197,22 +197,36 @@ _NFT_MSG_GETGEN = 16
 _NFTA_GEN_ID = 1
 
 
-def generation_id() -> int | None:
-    """The nftables ruleset generation of the calling thread's network namespace.
+def open_netfilter_socket() -> socket.socket:
+    """A NETLINK_NETFILTER socket for generation_id(); it stays in the namespace of the
+    thread that opened it."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+    s.settimeout(1.0)
+    return s
+
+
+def generation_id(sock: socket.socket | None = None) -> int | None:
+    """The nftables ruleset generation of the calling thread's network namespace, or of
+    the namespace sock was opened in.
 
     One netlink round trip (no subprocess): a scan can skip re-reading the ruleset
     while this is unchanged. None when it cannot be asked (no CAP_NET_ADMIN).
-    Legacy iptables changes do not move it.
+    Legacy iptables changes do not move it. Raises OSError only when a given socket
+    failed (it may hold a late reply: not to be used again).
     """
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12) as s:  # NETLINK_NETFILTER
-            s.settimeout(1.0)
-            msg_type = (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETGEN
-            body = struct.pack("BBH", socket.AF_UNSPEC, 0, 0)
-            s.send(struct.pack("=IHHII", 16 + len(body), msg_type, 1, 1, 0) + body)
-            data = s.recv(65536)
-    except OSError:
-        return None
+    msg_type = (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETGEN
+    body = struct.pack("BBH", socket.AF_UNSPEC, 0, 0)
+    request = struct.pack("=IHHII", 16 + len(body), msg_type, 1, 1, 0) + body
+    if sock is not None:
+        sock.send(request)
+        data = sock.recv(65536)
+    else:
+        try:
+            with open_netfilter_socket() as s:
+                s.send(request)
+                data = s.recv(65536)
+        except OSError:
+            return None
     length, mtype = struct.unpack_from("=IH", data)
     if mtype == 2:  # NLMSG_ERROR
         return None
