@@ -146,6 +146,25 @@ def test_resolver_names_the_service_not_systemd_for_socket_activation(tmp_path):
     assert resolver.resolve({444}).owners[444].name == "systemd"
 
 
+def test_a_socket_systemd_held_alone_moves_to_the_service_it_starts(tmp_path):
+    """Remembered as pid 1's, the socket must not stay systemd's once a service started
+    since holds it too (its one-readlink check of pid 1 keeps passing)."""
+
+    def process(pid: str, comm: str) -> None:
+        d = tmp_path / pid
+        (d / "fd").mkdir(parents=True)
+        (d / "comm").write_text(comm + "\n")
+        (d / "cmdline").write_bytes(comm.encode() + b"\0")
+        os.symlink("socket:[444]", d / "fd" / "3")
+
+    process("1", "systemd")
+    resolver = InodeResolver(proc=str(tmp_path))
+    assert resolver.resolve({444}).owners[444].name == "systemd"
+    process("200", "sshd")  # the first connection started the service
+    assert resolver.resolve({444}).owners[444].name == "sshd"
+    assert resolver.resolve({444}).owners[444].name == "sshd"
+
+
 def test_netlink_memo_forgets_namespaces_no_longer_seen(listen):
     listen("127.0.0.1")
     memo = netlink.Memo()

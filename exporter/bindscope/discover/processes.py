@@ -84,8 +84,15 @@ class InodeResolver:
                 counts.pop(pid, None)  # not every entry held: count again next time
             missing.add(inode)
         self._fds.update(counts)
+        # a socket systemd (pid 1) holds is handed to the service it starts, and systemd
+        # keeps its copy: while pid 1 owns it, any process started since may be the owner
+        handed = {i for i, info in result.owners.items() if info.pid == 1}
+        if handed:
+            signature = processes_signature(self._proc)
+            if signature is None or signature != self._walked_at:
+                missing |= handed
         if missing:
-            self._walk(missing, result)
+            self._walk(missing, result, handed)
         # forget what no longer listens, so memory follows the listeners, not history
         self._where = {i: w for i, w in self._where.items() if i in wanted}
         self._unowned &= wanted
@@ -109,10 +116,10 @@ class InodeResolver:
     ) -> bool:
         """Whether the last call's owners still hold: the same inodes asked, each owner's
         number of open files as confirmed, and no process started that could hold an
-        unowned one."""
+        unowned one or one that pid 1 holds."""
         if not self._counts or (wanted is not last and wanted != last):
             return False
-        if unowned and processes_signature(self._proc) != self._walked_at:
+        if (unowned or 1 in pids) and processes_signature(self._proc) != self._walked_at:
             return False
         for pid in pids:
             try:
@@ -140,12 +147,12 @@ class InodeResolver:
         except OSError:
             return False
 
-    def _walk(self, missing: set[int], result: Attribution) -> None:
+    def _walk(self, missing: set[int], result: Attribution, handed: set[int]) -> None:
         targets = {f"socket:[{i}]": i for i in missing}
-        # inodes already unowned at the last walk can only be held by processes we have
-        # not walked since (none, when no process started since); anything new needs
-        # every process
-        only_new = missing <= self._unowned
+        # inodes already unowned at the last walk, or held by pid 1 alone, can only be
+        # held (too) by processes we have not walked since (none, when no process started
+        # since); anything new needs every process
+        only_new = missing <= self._unowned | handed
         signature = processes_signature(self._proc)
         if only_new and signature is not None and signature == self._walked_at:
             if self._denied:  # counted on every scan, as a walk would
