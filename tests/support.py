@@ -348,7 +348,14 @@ class Podman:
             raise RuntimeError(f"podman {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout.strip()
 
-    def run(self, tag: str, command: list[str], publish: tuple[str, ...] = ()) -> Container:
+    def run(
+        self,
+        tag: str,
+        command: list[str],
+        publish: tuple[str, ...] = (),
+        network: str | None = None,
+    ) -> Container:
+        """`network`: another podman --network, e.g. `container:NAME` to share its netns."""
         name = self.prefix + tag
         self._started.append(name)
         ports = [a for p in publish for a in ("-p", p)]
@@ -356,7 +363,7 @@ class Podman:
             "run", "-d", "--name", name,
             # podman's default limits exceed the hard limit and there is no CAP_SYS_RESOURCE
             "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000",
-            f"--network={self.network}", *ports, "--rootfs", "/:O", *command,
+            f"--network={network or self.network}", *ports, "--rootfs", "/:O", *command,
         )  # fmt: skip
         pid = int(self.cmd("inspect", "-f", "{{.State.Pid}}", name))
         ip = self.cmd(

@@ -506,3 +506,33 @@ def test_scan_shows_containers_and_their_published_ports(apps, tmp_path):
         row = next(line.split() for line in published.splitlines() if f" {name} " in line)
         assert row[:3] == ["tcp", f"127.0.0.1:{app.port}", f"{app.ctr.ip}:{apps.inside}"]
         assert row[5:7] == [status, inside]
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_case7_each_container_of_a_shared_namespace_owns_its_sockets(apps, podman, exporter):
+    """Two containers in one network namespace, as in a pod: each socket carries its
+    owner's container, so a service matched by container name finds its own."""
+    port = free_port()
+    side = podman.run(
+        "side",
+        ["python3", "-m", "http.server", "--bind", "0.0.0.0", str(port)],
+        network=f"container:{apps.wide.name}",
+    )
+    wait_for(lambda: _listening(side.pid, "0.0.0.0", port), 20, 0.1, "side app")
+    exp = _start(
+        exporter,
+        scan_config(apps)
+        + f"""services:
+  - {{name: side, port: {port}, expose: private, container: '^{side.name}$'}}
+  - {{name: wide, port: {apps.inside}, expose: private, container: '^{apps.wide.name}$'}}
+""",
+    )
+    m = _wait(exp, lambda m: m.status("side") == "ok", "the side container's service ok")
+    assert m.status("wide") == "ok"
+    side_sockets = m.all("bindscope_listener_info", port=str(port))
+    wide_sockets = m.all("bindscope_listener_info", port=str(apps.inside), service="wide")
+    assert {s.labels["container"] for s in side_sockets} == {side.name}
+    assert {s.labels["container"] for s in wide_sockets} == {apps.wide.name}
+    # one namespace for both
+    assert {s.labels["netns"] for s in side_sockets} == {s.labels["netns"] for s in wide_sockets}

@@ -336,6 +336,12 @@ class Scanner:
                     if view.pids is None
                     else by_socket.get(sock, NO_PROCESS)
                 )
+                if view.shared and owner.pid is not None:
+                    # in a pod the namespace is the first container's; the socket is
+                    # its owner's
+                    name = self._inventory.container_of(owner.pid)
+                    if name and name != sock.container:
+                        sock = dataclasses.replace(sock, container=name)
                 # by value: the same socket may come in a new tuple
                 known = last.kept.get(sock) if last is not None else None
                 if known is not None and known.process == owner:

@@ -52,6 +52,8 @@ class NamespaceView:
     interfaces: tuple[InterfaceAddress, ...] | None  # None: could not be read
     # pids psutil attributed sockets to (psutil backend only): (proto, addr, port) -> pid
     pids: dict[tuple[str, str, int], int] | None = None
+    # several containers share it (a pod): each socket is its owner's container's
+    shared: bool = False
 
 
 def with_devices(
@@ -79,6 +81,9 @@ class Inventory:
         self._sockets: dict[int, socket.socket] = {}  # netns inode -> netlink socket in it
         self._host_socket: socket.socket | None = None
         self._names: ContainerNames | None = None
+        # pid -> its container, for the members of shared namespaces (pods)
+        self._pod_members: dict[int, str] = {}
+        self._pod_asked: set[int] = set()
         self._memberships: Memberships | None = None
         self._memo = netlink.Memo()
         # netns inode -> (its dump, container, label, addresses, the sockets labelled with them)
@@ -136,6 +141,9 @@ class Inventory:
         labels = [v.label for v in views]
         self._addresses = {k: v for k, v in self._addresses.items() if k in labels}
         self._names.prune()
+        # pids asked about during the last scan only: memory follows the pods' processes
+        self._pod_members = {p: n for p, n in self._pod_members.items() if p in self._pod_asked}
+        self._pod_asked = set()
         self._memo.forget(labels)
         return views
 
@@ -258,7 +266,34 @@ class Inventory:
                 addresses,
             )
             self._labelled[ns.inode] = (sockets, container, ns.label, addresses, labelled)
-        return NamespaceView(ns.label, ns.kind, ns.path, container, labelled, addresses)
+        return NamespaceView(
+            ns.label,
+            ns.kind,
+            ns.path,
+            container,
+            labelled,
+            addresses,
+            shared=len(ns.containers) > 1,
+        )
+
+    def container_of(self, pid: int, proc: str = "/proc") -> str:
+        """The container a process belongs to, from its cgroup; "" when none or unknown.
+        Remembered per pid: a process does not change containers."""
+        name = self._pod_members.get(pid)
+        if name is None:
+            from bindscope.discover.containers import ContainerNames, container_from_cgroup
+
+            try:
+                with open(f"{proc}/{pid}/cgroup") as f:
+                    ref = container_from_cgroup(f.read())
+            except OSError:
+                return ""  # exited: the next scan will not ask
+            if self._names is None:
+                self._names = ContainerNames()
+            name = self._names.name(ref) if ref is not None else ""
+            self._pod_members[pid] = name
+        self._pod_asked.add(pid)
+        return name
 
     def _dump(self, ns: Namespace) -> tuple[Socket, ...] | None:
         from bindscope.discover.namespaces import in_namespace

@@ -57,7 +57,9 @@ class Memberships:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self.inode_of: dict[int, int] = {}
-        self.containers_of: dict[int, tuple[ContainerRef, ...]] = {}
+        # inode -> (its member pids, their containers): read again when a member joins
+        # (a second container of a pod) or leaves
+        self.containers_of: dict[int, tuple[tuple[int, ...], tuple[ContainerRef, ...]]] = {}
         self._refreshed = -self.REFRESH
         # (processes signature, named namespaces) of the last walk, and what it found
         self.last: tuple[object, list[Namespace], list[str]] | None = None
@@ -133,12 +135,13 @@ def enumerate_namespaces(
         if inode == own.st_ino:
             continue
         pids = _pids(members, inode)
-        if memo is not None and inode in memo.containers_of:
-            refs = memo.containers_of[inode]
+        cached = memo.containers_of.get(inode) if memo is not None else None
+        if cached is not None and cached[0] == pids:
+            refs = cached[1]
         else:
             refs = _containers(pids, proc)
             if memo is not None:
-                memo.containers_of[inode] = refs
+                memo.containers_of[inode] = (pids, refs)
         if inode in named:
             label, path = named[inode], f"{run_netns}/{named[inode]}"
         else:
