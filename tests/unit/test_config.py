@@ -41,8 +41,8 @@ from bindscope.model import (
     Socket,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "configs"
-DOCS = Path(__file__).parent.parent / "docs" / "config.md"
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "configs"
+DOCS = Path(__file__).parent.parent.parent / "docs" / "config.md"
 
 SCHEMA = json.loads(resources.files("bindscope.config").joinpath("schema.json").read_text())
 # Formats (ipv4, ipv6, regex) are annotations in 2020-12 unless a checker asserts them.
