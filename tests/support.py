@@ -375,7 +375,9 @@ class Podman:
         self.cmd("rm", "-f", "-t", "0", name, check=False)  # -t 0: no 10 s SIGTERM wait
 
     def close(self) -> None:
-        for name in self._started:
+        # the last started first: a container sharing another's network namespace must go
+        # before the one it joined, whose removal it would otherwise refuse
+        for name in reversed(self._started):
             self.remove(name)
 
     def remove_leftovers(self) -> None:
