@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +98,16 @@ def _base_image() -> str:
     return tag
 
 
+_NETWORK_ERRORS = (
+    "No route to host",
+    "Temporary failure in name resolution",
+    "Connection refused",
+    "Connection reset",
+    "timed out",
+    "Could not connect",
+)
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     require_root()
@@ -111,9 +122,16 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
         args += ["-v", f"{HOST_CA}:/run/build-ca.crt:ro"]
         args += ["--build-arg", "PIP_CERT=/run/build-ca.crt"]
     args += ["-t", IMAGE, "-f", str(REPO / "Containerfile"), str(REPO)]
-    with log.open("wb") as out:
-        done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, timeout=900)
-    assert done.returncode == 0, log.read_text(errors="replace")[-4000:]
+    # apt and pip inside the build reach the package registries: a connection that
+    # fails on the way is tried again (at most three builds), any other failure is final
+    for attempt in range(3):
+        with log.open("wb") as out:
+            done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+        text = log.read_text(errors="replace")
+        if done.returncode == 0 or not any(e in text for e in _NETWORK_ERRORS) or attempt == 2:
+            break
+        time.sleep(10)
+    assert done.returncode == 0, text[-4000:]
     current = _image_id(IMAGE)
     if previous and previous != current:
         # the last build, untagged now; the layers it shares with this one stay cached

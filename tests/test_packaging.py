@@ -119,10 +119,9 @@ def test_installed_copy_is_the_wheel_not_the_checkout(dist: Dist) -> None:
 
 def test_installed_exporter_reports_the_version(dist: Dist) -> None:
     done = _run(dist.venv / "bin" / "bindscope-exporter", "--version", cwd=dist.venv)
-    assert (done.returncode, done.stdout.strip()) == (
-        0,
-        f"bindscope-exporter {bindscope.__version__}",
-    )
+    # the version, then the Python and platform it runs on
+    assert done.returncode == 0
+    assert done.stdout.startswith(f"bindscope-exporter {bindscope.__version__} ")
 
 
 def test_installed_tool_scans(dist: Dist) -> None:

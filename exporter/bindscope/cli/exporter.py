@@ -185,7 +185,10 @@ def _run(argv: Sequence[str] | None, hup: threading.Event, stop: threading.Event
             print(f"bindscope-exporter: error: {flag} must be >= {least}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        config = read_config(args.config_file) if args.config_file else load(None)
+        if args.config_file is not None and args.config_file.strip():
+            config = read_config(args.config_file)
+        else:  # None: the embedded default; empty or blank: a usage error
+            config = load(args.config_file)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
