@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -422,19 +421,9 @@ class Running:
         return Path(f"/proc/{self.proc.pid}/root{path}")
 
 
-@pytest.fixture(name="workdir")
-def workdir_fixture() -> Iterator[Path]:
-    # readable by the daemons' own users (pytest's tmp_path is root's alone)
-    path = Path(tempfile.mkdtemp(prefix="bindscope-daemon-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(name="running")
-def running_fixture(two_hosts: TwoHosts, workdir: Path, request) -> Iterator[Running]:
+def running_fixture(two_hosts: TwoHosts, shared_dir: Path, request) -> Iterator[Running]:
+    workdir = shared_dir  # readable by the daemons' own users (tmp_path is root's alone)
     daemon: Daemon = request.param
     require_binary(daemon.binary, "unshare", "nsenter", "setpriv")
     daemon.setup(workdir)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from support import run
+from support import run, ufw_script
 
 AGENT = str(Path(__file__).with_name("netlab_agent.py"))
 LINKS = (
@@ -230,29 +229,8 @@ EMPTY_LEGACY = "".join(
 
 
 def ufw(lab: Lab, tmp: Path, args: list[str]) -> None:
-    """ufw in the server namespace, its state in a private copy of /etc/ufw: the host's
-    files, rules and sysctls are never touched (the copy's sysctl file is empty)."""
-    state = tmp / "ufw"
-    if not state.exists():
-        state.mkdir()
-        shutil.copytree("/etc/ufw", state / "etc-ufw", symlinks=True)
-        shutil.copytree("/lib/ufw", state / "lib-ufw", symlinks=True)
-        shutil.copytree("/etc/default", state / "etc-default", symlinks=True)
-        (state / "sysctl.conf").write_text("")
-        defaults = (state / "etc-default" / "ufw").read_text()
-        (state / "etc-default" / "ufw").write_text(
-            re.sub(r"(?m)^IPT_SYSCTL=.*$", f"IPT_SYSCTL={state / 'sysctl.conf'}", defaults)
-        )
-    mounts = " && ".join(
-        f"mount --bind {state / src} {dst}"
-        for src, dst in (
-            ("etc-ufw", "/etc/ufw"),
-            ("lib-ufw", "/lib/ufw"),
-            ("etc-default", "/etc/default"),
-        )
-    )
-    script = f"{mounts} && ufw {' '.join(args)}"
-    lab.exec(lab.server, "unshare", "--mount", "--propagation", "private", "sh", "-c", script)
+    """ufw in the server namespace, its state in a private copy (support.ufw_script)."""
+    lab.exec(lab.server, *ufw_script(tmp / "ufw", args))
 
 
 # --- the comparison ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -411,3 +412,37 @@ def load_ruleset(name: str):
         )
         rs = rs.replace_tables(saved)
     return rs
+
+
+def ufw_script(state: Path, args: list[str]) -> list[str]:
+    """The command that runs ufw with its state in a private copy at `state`: the host's
+    files, rules and sysctls are never touched (the copy's sysctl file is empty). Run it
+    inside the namespace whose packet filter ufw is to write."""
+    if not state.exists():
+        state.mkdir()
+        shutil.copytree("/etc/ufw", state / "etc-ufw", symlinks=True)
+        shutil.copytree("/lib/ufw", state / "lib-ufw", symlinks=True)
+        shutil.copytree("/etc/default", state / "etc-default", symlinks=True)
+        (state / "sysctl.conf").write_text("")
+        defaults = (state / "etc-default" / "ufw").read_text()
+        (state / "etc-default" / "ufw").write_text(
+            re.sub(r"(?m)^IPT_SYSCTL=.*$", f"IPT_SYSCTL={state / 'sysctl.conf'}", defaults)
+        )
+    mounts = " && ".join(
+        f"mount --bind {state / src} {dst}"
+        for src, dst in (
+            ("etc-ufw", "/etc/ufw"),
+            ("lib-ufw", "/lib/ufw"),
+            ("etc-default", "/etc/default"),
+        )
+    )
+    # `ip netns exec` already gives a mount namespace; unshare makes one this call owns
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f"{mounts} && ufw {' '.join(args)}",
+    ]

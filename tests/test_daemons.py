@@ -19,7 +19,6 @@ from daemons import (  # noqa: F401  (the fixtures are used by name)
     loopback,
     running_fixture,
     status,
-    workdir_fixture,
 )
 from support import TwoHosts, require_binary
 

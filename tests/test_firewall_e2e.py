@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import TOOL, Metrics, TwoHosts, require_binary, wait_for
+from support import TOOL, Metrics, TwoHosts, require_binary, ufw_script, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -193,30 +192,8 @@ def iptables_drop(srv: Server, port: int) -> Drop:
 
 
 def ufw(srv: Server, *args: str) -> str:
-    """ufw in the server namespace, its state in a private copy of /etc/ufw: the host's
-    files, rules and sysctls are never touched (the copy's sysctl file is empty)."""
-    state = srv.tmp / "ufw"
-    if not state.exists():
-        state.mkdir()
-        shutil.copytree("/etc/ufw", state / "etc-ufw", symlinks=True)
-        shutil.copytree("/lib/ufw", state / "lib-ufw", symlinks=True)
-        shutil.copytree("/etc/default", state / "etc-default", symlinks=True)
-        (state / "sysctl.conf").write_text("")
-        defaults = (state / "etc-default" / "ufw").read_text()
-        (state / "etc-default" / "ufw").write_text(
-            re.sub(r"(?m)^IPT_SYSCTL=.*$", f"IPT_SYSCTL={state / 'sysctl.conf'}", defaults)
-        )
-    mounts = " && ".join(
-        f"mount --bind {state / src} {dst}"
-        for src, dst in (
-            ("etc-ufw", "/etc/ufw"),
-            ("lib-ufw", "/lib/ufw"),
-            ("etc-default", "/etc/default"),
-        )
-    )
-    # `ip netns exec` already gives a mount namespace; unshare makes one this call owns
-    script = f"{mounts} && ufw {' '.join(args)}"
-    return srv.exec("unshare", "--mount", "--propagation", "private", "sh", "-c", script).stdout
+    """ufw in the server namespace, its state in a private copy (support.ufw_script)."""
+    return srv.exec(*ufw_script(srv.tmp / "ufw", list(args))).stdout
 
 
 def ufw_drop(srv: Server, port: int) -> Drop:

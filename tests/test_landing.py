@@ -16,7 +16,6 @@ from daemons import (  # noqa: F401  (the fixtures are used by name)
     Running,
     diagnose,
     running_fixture,
-    workdir_fixture,
 )
 from support import TwoHosts, require_binary, run
 

@@ -577,14 +577,10 @@ class WebConfigWatcher:
     def check_cached(self, authorization_header: str | None) -> bool | None:
         """The answer when it needs no bcrypt check: no users, malformed or remembered
         credentials; None when only verify() can tell."""
-        version = self._version
-        if version is None or not version.config.users:
-            return True
-        credentials = parse_basic_auth(authorization_header)
-        if credentials is None:
-            return False
-        user, password = credentials
-        digest = _digest(version, user, password)
+        asked = self._asked(authorization_header)
+        if isinstance(asked, bool):
+            return asked
+        version, user, _, digest = asked
         if digest in version.failed:
             return False
         cached = version.auth_cache.get(user)
@@ -592,16 +588,24 @@ class WebConfigWatcher:
             return True
         return None
 
-    def verify(self, authorization_header: str | None) -> bool:
-        """The bcrypt check, remembered either way; slow on purpose, so not on the loop."""
+    def _asked(self, header: str | None) -> bool | tuple[_Version, str, bytes, bytes]:
+        """True with no users, False for malformed credentials; else what to check them
+        by: the config in force, the user, the password and its keyed digest."""
         version = self._version
         if version is None or not version.config.users:
             return True
-        credentials = parse_basic_auth(authorization_header)
+        credentials = parse_basic_auth(header)
         if credentials is None:
             return False
         user, password = credentials
-        digest = _digest(version, user, password)
+        return version, user, password, _digest(version, user, password)
+
+    def verify(self, authorization_header: str | None) -> bool:
+        """The bcrypt check, remembered either way; slow on purpose, so not on the loop."""
+        asked = self._asked(authorization_header)
+        if isinstance(asked, bool):
+            return asked
+        version, user, password, digest = asked
         stored = version.config.users.get(user)
         with self._bcrypt_lock:
             try:
