@@ -11,7 +11,6 @@ and a steady dump costs little more than the kernel's own work.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import struct
@@ -213,10 +212,12 @@ def _parse(data: bytes, start: int, end: int, protocol: Protocol, netns: str) ->
         return None
     v6only: bool | None = None
     if family == socket.AF_INET:
-        address = str(ipaddress.IPv4Address(src[:4]))
+        address = socket.inet_ntop(socket.AF_INET, src[:4])
         fam = 4
     else:
-        address = str(ipaddress.IPv6Address(src))
+        # inet_ntop, as psutil and /proc's reader name them: `::ffff:198.51.100.1`, where
+        # ipaddress writes an IPv4-mapped address as `::ffff:c633:6401`
+        address = socket.inet_ntop(socket.AF_INET6, src)
         fam = 6
         offset = start + _MSG.size
         while offset + _RTA.size <= end:
