@@ -42,6 +42,7 @@ class Bind:
     port: int
     v6only: bool = False
     device: str = ""
+    protocol: str = "tcp"
 
     @property
     def family(self) -> int:
@@ -152,7 +153,13 @@ class Lab:
 
     def listen(self, binds: Iterable[Bind]) -> Agent:
         spec = [
-            {"address": b.address, "port": b.port, "v6only": b.v6only, "device": b.device}
+            {
+                "address": b.address,
+                "port": b.port,
+                "v6only": b.v6only,
+                "device": b.device,
+                "protocol": b.protocol,
+            }
             for b in binds
         ]
         return self.start(self.server, "listen", json.dumps(spec))

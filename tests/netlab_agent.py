@@ -1,8 +1,10 @@
 """The lab's helper processes, each started once inside one namespace and fed on stdin.
 
-listen JSON: holds the listening sockets described (accepting and closing) until stdin ends.
-probe: per line, a JSON list of [address, port]; answers a JSON list of outcomes, each
-    connect concurrent and bounded by the timeout on the command line.
+listen JSON: holds the listening sockets described until stdin ends: TCP ones accept and
+    close, UDP ones send each datagram back to its sender.
+probe: per line, a JSON list of [address, port] (TCP) or [address, port, "udp"]; answers a
+    JSON list of outcomes, each connect or datagram concurrent and bounded by the timeout
+    on the command line.
 scan: per line, a JSON object {"config": YAML}; answers {"metrics": text}: one scan of
     this namespace by the exporter's own Scanner, rendered as the exporter serves it.
 """
@@ -18,6 +20,13 @@ import sys
 import time
 
 
+def sockaddr(address: str, port: int) -> tuple:
+    """A link-local address's `%zone` as the scope id bind and connect take (the string
+    form alone is refused with EINVAL)."""
+    host, _, zone = address.partition("%")
+    return (host, port, 0, socket.if_nametoindex(zone)) if zone else (host, port)
+
+
 def listen(spec: list[dict]) -> None:
     sel = selectors.DefaultSelector()
     for s in spec:
@@ -29,11 +38,11 @@ def listen(spec: list[dict]) -> None:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(s.get("v6only", 0)))
         if s.get("device"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, s["device"].encode())
-        sock.bind((s["address"], s["port"]))
+        sock.bind(sockaddr(s["address"], s["port"]))
         if kind == socket.SOCK_STREAM:
             sock.listen(4096)
-            sock.setblocking(False)
-            sel.register(sock, selectors.EVENT_READ)
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, kind)
     sel.register(sys.stdin, selectors.EVENT_READ)
     print("ready", flush=True)
     while True:
@@ -42,19 +51,33 @@ def listen(spec: list[dict]) -> None:
                 if not sys.stdin.readline():
                     return
                 continue
+            sock = key.fileobj
             with contextlib.suppress(BlockingIOError):
-                key.fileobj.accept()[0].close()  # type: ignore[union-attr]
+                if key.data == socket.SOCK_DGRAM:
+                    data, peer = sock.recvfrom(2048)  # type: ignore[union-attr]
+                    sock.sendto(data, peer)  # type: ignore[union-attr]
+                else:
+                    sock.accept()[0].close()  # type: ignore[union-attr]
 
 
 def probe(targets: list[list], timeout: float) -> list[str]:
-    """'ok', 'refused', 'timeout' or an errno name for each [address, port]."""
+    """'ok', 'refused', 'timeout' or an errno name for each [address, port(, "udp")].
+
+    UDP is 'ok' when the datagram came back. The socket stays unconnected: a wildcard
+    listener answers from the address its route picks, not always the one it was sent
+    to, so the reply is known by its payload."""
     sel = selectors.DefaultSelector()
     out = ["timeout"] * len(targets)
-    for i, (address, port) in enumerate(targets):
+    for i, (address, port, *proto) in enumerate(targets):
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_STREAM)
+        udp = proto == ["udp"]
+        s = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
         s.setblocking(False)
-        rc = s.connect_ex((address, port))
+        if udp:
+            s.sendto(f"lab {i}".encode(), sockaddr(address, port))
+            sel.register(s, selectors.EVENT_READ, i)
+            continue
+        rc = s.connect_ex(sockaddr(address, port))
         if rc in (0, errno.EINPROGRESS):
             sel.register(s, selectors.EVENT_WRITE, i)
         else:
@@ -64,6 +87,14 @@ def probe(targets: list[list], timeout: float) -> list[str]:
     while sel.get_map() and (left := deadline - time.monotonic()) > 0:
         for key, _ in sel.select(left):
             s = key.fileobj
+            if s.type == socket.SOCK_DGRAM:  # type: ignore[union-attr]
+                with contextlib.suppress(OSError):
+                    if s.recv(2048) != f"lab {key.data}".encode():  # type: ignore[union-attr]
+                        continue
+                    out[key.data] = "ok"
+                sel.unregister(s)
+                s.close()  # type: ignore[union-attr]
+                continue
             rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
             out[key.data] = "ok" if rc == 0 else errno.errorcode.get(rc, str(rc))
             sel.unregister(s)
