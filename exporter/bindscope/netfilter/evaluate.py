@@ -10,7 +10,7 @@ import dataclasses
 import ipaddress
 import socket
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,7 @@ class _Packet:
     iface: str | None  # None: not known, and a rule that asks is unknown
     saddrs: Intervals  # the sources still possible on this branch
     sports: Intervals
+    ct: str = "new"  # conntrack's state: the first packet, or those after ("established")
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,14 @@ class _Unsupported(Exception):
     """Raised while reading a match that the evaluator does not model."""
 
 
+class _TooManyPaths(Exception):
+    pass
+
+
+# What conntrack has set by the handshake's last packet (its ACK): a reply was seen.
+_ESTABLISHED_STATUS = frozenset({"seen-reply", "assured", "confirmed"})
+
+
 def evaluate(
     ruleset: Ruleset | None,
     protocol: str,
@@ -147,6 +156,10 @@ def evaluate(
     one of the host's own addresses. ACCEPT when at least one source or interface gets
     in (`restricted` then says that others do not). interfaces None: not known, so a
     rule or chain that depends on the input interface makes the answer UNKNOWN.
+
+    For TCP the connection is accepted only when the packets after its first are too:
+    the handshake's ACK is already `ct state established`, so a ruleset that accepts the
+    SYN and drops or rejects established packets lets no connection complete.
     """
     if ruleset is None:
         return Decision(Firewall.UNKNOWN, reason="the ruleset could not be read")
@@ -168,20 +181,47 @@ def evaluate(
             _Packet(family, protocol, addr, dport, iface, sources, ((1, 65535),))
             for iface in ifaces
         )
+    budget = [2 * _MAX_RUNS]  # every path may be walked twice: first packet, then later ones
     outcomes: list[_Outcome] = []
-    runs = 0
+    try:
+        for pkt, first in _paths(ruleset, starts, budget):
+            if first.verdict is not Firewall.ACCEPT or protocol != "tcp":
+                outcomes.append(first)
+                continue
+            # the same sources, interfaces and ports, once the connection is established
+            later = deque([dataclasses.replace(pkt, ct="established")])
+            for _, after in _paths(ruleset, later, budget):
+                if after.verdict is Firewall.ACCEPT:
+                    outcomes.append(first)  # the rule that let the connection in decides
+                elif after.verdict is Firewall.DROP:
+                    outcomes.append(
+                        dataclasses.replace(
+                            after,
+                            reason="the connection's packets after the first (ct state "
+                            "established) are dropped",
+                        )
+                    )
+                else:
+                    outcomes.append(after)
+    except _TooManyPaths:
+        return Decision(Firewall.UNKNOWN, reason=f"more than {_MAX_RUNS} source-dependent paths")
+    return _decide(ruleset, outcomes)
+
+
+def _paths(
+    ruleset: Ruleset, starts: deque[_Packet], budget: list[int]
+) -> Iterator[tuple[_Packet, _Outcome]]:
+    """Each packet a split leaves (its sources, ports, interface), and its fate."""
     while starts:
-        runs += 1
-        if runs > _MAX_RUNS:
-            return Decision(
-                Firewall.UNKNOWN, reason=f"more than {_MAX_RUNS} source-dependent paths"
-            )
-        result = _walk(ruleset, starts.popleft())
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooManyPaths
+        pkt = starts.popleft()
+        result = _walk(ruleset, pkt)
         if isinstance(result, _Fork):
             starts.extendleft(reversed(result.branches))  # depth first: interfaces in order
         else:
-            outcomes.append(result)
-    return _decide(ruleset, outcomes)
+            yield pkt, result
 
 
 def _decide(ruleset: Ruleset, outcomes: list[_Outcome]) -> Decision:
@@ -534,9 +574,10 @@ def _left_value(left: Any, pkt: _Packet, what: str) -> tuple[str, Any]:
             return "str", "host"
     elif key == "ct":
         if v["key"] == "state":
-            return "str", "new"
+            return "str", pkt.ct
         if v["key"] == "status":
-            return "str", frozenset()  # a new, un-NATed connection has no status bit set
+            # a new, un-NATed connection has no status bit set
+            return "str", _ESTABLISHED_STATUS if pkt.ct == "established" else frozenset()
     elif key == "fib":
         flags = set(v.get("flags", ()))
         if v.get("result") == "type" and flags == {"daddr"}:
