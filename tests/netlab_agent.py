@@ -1,7 +1,7 @@
 """The lab's helper processes, each started once inside one namespace and fed on stdin.
 
-listen JSON: holds the listening sockets described until stdin ends: TCP ones accept and
-    close, UDP ones send each datagram back to its sender.
+listen JSON: holds the listening sockets described until stdin ends: TCP ones accept,
+    send a banner and close, UDP ones send each datagram back to its sender.
 probe: per line, a JSON list of [address, port] (TCP) or [address, port, "udp"]; answers a
     JSON list of outcomes, each connect or datagram concurrent and bounded by the timeout
     on the command line.
@@ -18,6 +18,10 @@ import selectors
 import socket
 import sys
 import time
+
+# A connect that completes proves only that the SYN got in: the server answers first, so
+# a probe is 'ok' only once the connection really carried data (as telnet shows a banner).
+BANNER = b"lab\n"
 
 
 def sockaddr(address: str, port: int) -> tuple:
@@ -57,12 +61,17 @@ def listen(spec: list[dict]) -> None:
                     data, peer = sock.recvfrom(2048)  # type: ignore[union-attr]
                     sock.sendto(data, peer)  # type: ignore[union-attr]
                 else:
-                    sock.accept()[0].close()  # type: ignore[union-attr]
+                    conn = sock.accept()[0]  # type: ignore[union-attr]
+                    with contextlib.suppress(OSError):
+                        conn.send(BANNER)
+                    conn.close()
 
 
 def probe(targets: list[list], timeout: float) -> list[str]:
     """'ok', 'refused', 'timeout' or an errno name for each [address, port(, "udp")].
 
+    TCP is 'ok' when the listener's banner arrived: a ruleset that accepts the SYN and
+    drops or rejects the packets after it lets a connect complete, and no data through.
     UDP is 'ok' when the datagram came back. The socket stays unconnected: a wildcard
     listener answers from the address its route picks, not always the one it was sent
     to, so the reply is known by its payload."""
@@ -95,8 +104,18 @@ def probe(targets: list[list], timeout: float) -> list[str]:
                 sel.unregister(s)
                 s.close()  # type: ignore[union-attr]
                 continue
-            rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
-            out[key.data] = "ok" if rc == 0 else errno.errorcode.get(rc, str(rc))
+            if key.events == selectors.EVENT_WRITE:
+                rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+                if rc == 0:  # connected: now the banner
+                    sel.modify(s, selectors.EVENT_READ, key.data)
+                    continue
+                out[key.data] = errno.errorcode.get(rc, str(rc))
+            else:
+                try:
+                    got = s.recv(len(BANNER))  # type: ignore[union-attr]
+                    out[key.data] = "ok" if got == BANNER else "closed"
+                except OSError as e:
+                    out[key.data] = errno.errorcode.get(e.errno or 0, str(e))
             sel.unregister(s)
             s.close()  # type: ignore[union-attr]
     for key in list(sel.get_map().values()):
