@@ -100,6 +100,7 @@ class Lab:
     def create(self) -> None:
         run("ip", "netns", "add", self.server)
         self.exec(self.server, "ip", "link", "set", "lo", "up")
+        self.exec(self.server, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0")
         for i, (dev, s4, s6, c4, c6) in enumerate(LINKS):
             client = self.clients[i]
             run("ip", "netns", "add", client)
@@ -180,6 +181,11 @@ class Lab:
 
     def reset(self) -> None:
         self.exec(self.server, "nft", "flush", "ruleset")
+        # The last ruleset's connections must not decide the next one's: a SYN that reuses
+        # the 4-tuple of an entry left established (its FIN dropped by a later ruleset)
+        # is `ct state established`, not new. Mid-stream packets arriving after the flush
+        # create no entry either (tcp_loose is off in the server namespace).
+        self.exec(self.server, "conntrack", "-F")
         if self.legacy_used:
             for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore"):
                 self._stdin(tool, EMPTY_LEGACY)

@@ -14,6 +14,7 @@ if [ "$(id -u)" = 0 ]; then
     command -v podman >/dev/null || need+=(podman)
     command -v runc >/dev/null || need+=(runc)
     command -v nft >/dev/null || need+=(nftables)
+    command -v conntrack >/dev/null || need+=(conntrack)
     command -v sysctl >/dev/null || need+=(procps)
     command -v iptables >/dev/null || need+=(iptables)
     command -v setpriv >/dev/null || need+=(util-linux)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
-from netlab import PROBE_TIMEOUT, Bind, Lab, Tally, compare, config_for, probe_all
+from netlab import LINKS, PROBE_TIMEOUT, Bind, Lab, Tally, compare, config_for, probe_all
 from support import require_binary, require_root
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
@@ -59,7 +59,7 @@ class Harness:
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     require_root()
-    require_binary("ip", "nft", "iptables-nft-restore", "unshare")
+    require_binary("ip", "nft", "iptables-nft-restore", "unshare", "conntrack")
     h = None
     try:
         h = Harness("d", tmp_path_factory.mktemp("lab"), BINDS)
@@ -104,6 +104,36 @@ def test_corpus_ruleset_verdicts_are_the_kernels(harness: Harness, entry: Path) 
         require_binary("iptables-legacy-restore")
     harness.lab.load(entry, harness.tmp)
     assert harness.check(entry.name, unknown_allowed(entry)) == []
+
+
+def test_a_connection_left_by_the_last_ruleset_does_not_decide_the_next(harness: Harness) -> None:
+    """Rulesets must be checked one independent of another: a SYN that reuses the 4-tuple
+    of a connection an earlier ruleset left established (its FIN dropped by a later one)
+    is `ct state established` to conntrack, not new. Here the clients' source ports are
+    narrowed to a hundred and an entry for each is left established to each IPv4
+    address of port 22; loading the next ruleset must forget them, or its `ct state new`
+    drop would let those SYNs in."""
+    lab = harness.lab
+    first, last = 40000, 40099
+    try:
+        for client, (_, _, _, c4, _) in zip(lab.clients, LINKS, strict=True):
+            lab.exec(client, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={first} {last}")
+            for server4 in ("198.51.100.1", "198.51.100.129"):
+                for sport in range(first, last + 1):
+                    lab.exec(
+                        lab.server, "conntrack", "-I", "-p", "tcp", "-s", c4, "-d", server4,
+                        "--sport", str(sport), "--dport", "22", "--state", "ESTABLISHED",
+                        "--timeout", "300", "-u", "SEEN_REPLY,ASSURED",
+                    )  # fmt: skip
+        harness.lab.load_text(
+            "table inet t {\n  chain input {\n"
+            "    type filter hook input priority 0; policy accept;\n"
+            "    ct state new tcp dport 22 drop\n  }\n}\n"
+        )
+        assert harness.check("left-established", set()) == []
+    finally:
+        for client in lab.clients:
+            lab.exec(client, "sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 60999")
 
 
 def test_corpus_is_large_enough() -> None:
@@ -218,7 +248,7 @@ def _rulesets() -> st.SearchStrategy[str]:
 @pytest.fixture(scope="module")
 def gen_labs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Harness]]:
     require_root()
-    require_binary("ip", "nft")
+    require_binary("ip", "nft", "conntrack")
     labs: list[Harness] = []
     try:
         for i in range(GEN_LABS):
