@@ -2,8 +2,10 @@
 publish ports every way `-p` allows (`127.0.0.1:H:T`, `H:T`, `[::1]:H:T`, TCP and UDP,
 consecutive ports, a host port equal to its target, several host ports to one target);
 inside, a tiny server binds each target port one way (0.0.0.0, 127.0.0.1, `::` dual
-stack, `::1`, `::` v6only, the container's own address, both loopbacks, nothing) and
-answers every connection or datagram with a banner naming the run and the port.
+stack, `::1`, `::` v6only, the container's own address, IPv4-mapped addresses, both
+loopbacks, SO_BINDTODEVICE eth0 or lo, nothing) and answers every connection or datagram
+with a banner naming the run and the port. A second container, where nothing listens,
+publishes the same target port numbers.
 
 The kernel's answer is whether the banner comes back, within a generous deadline:
 (a) from the host's loopback to the published port, (b) from a peer namespace through a
@@ -674,3 +676,21 @@ def test_the_lab_saw_what_it_built(lab: Lab) -> None:
             assert (got == "answered") is want, (p.case.id, lo, got)
     statuses = {expected(p, inside_of(p), lab.kernel) for p in lab.ports}
     assert {"ok", "loopback_only", "not_listening"} <= statuses, statuses
+
+
+def test_the_lab_has_netavark_range_rules(lab: Lab) -> None:
+    """Consecutive mappings are one rule, `--dport H:H+n -j DNAT --to-destination
+    IP:T-T+n/H`: the `lo` columns must have exercised that shape where netavark writes
+    iptables rules (podman 4); a native nftables backend writes other shapes."""
+    saved = run("iptables-save", "-t", "nat", check=False).stdout
+    if "NETAVARK" not in saved:
+        pytest.skip("netavark writes no iptables rules here: no range rule to look for")
+    matrix = [p for p in lab.ports if p.case.container == "matrix" and p.case.column == "lo"]
+    for proto in ("tcp", "udp"):
+        mine = sorted((p for p in matrix if p.case.protocol == proto), key=lambda p: p.host_port)
+        first, last = mine[0], mine[-1]
+        shape = (
+            f"--dport {first.host_port}:{last.host_port} -j DNAT --to-destination "
+            f"{first.target_address}:{first.target_port}-{last.target_port}/{first.host_port}"
+        )
+        assert shape in saved, (proto, shape)
