@@ -33,6 +33,25 @@ def pp(protocol, host, host_port, target, target_port, source="iptables"):
             ],
         ),
         (
+            # podman run -p 127.0.0.1:27001:7001 -p 27101:7001 -p 127.0.0.1:27002:7002
+            #   -p 27102:7002 -p 27003:7003 -p 27004:7004 -p 27005:7005 -p 27007:7007
+            #   -p 27001:7001/udp -p 127.0.0.1:27002:7002/udp: consecutive ports share
+            #   one rule, `--dport A:B -j DNAT --to-destination IP:X-Y/A`
+            "podman-netavark-ranges.iptables-save",
+            [
+                pp("tcp", "127.0.0.1", 27001, "203.0.113.150", 7001),
+                pp("tcp", "127.0.0.1", 27002, "203.0.113.150", 7002),
+                pp("udp", "127.0.0.1", 27002, "203.0.113.150", 7002),
+                pp("tcp", "0.0.0.0", 27003, "203.0.113.150", 7003),
+                pp("tcp", "0.0.0.0", 27004, "203.0.113.150", 7004),
+                pp("tcp", "0.0.0.0", 27005, "203.0.113.150", 7005),
+                pp("tcp", "0.0.0.0", 27007, "203.0.113.150", 7007),
+                pp("tcp", "0.0.0.0", 27101, "203.0.113.150", 7001),
+                pp("tcp", "0.0.0.0", 27102, "203.0.113.150", 7002),
+                pp("udp", "0.0.0.0", 27001, "203.0.113.150", 7001),
+            ],
+        ),
+        (
             "docker.iptables-save",
             [
                 pp("tcp", "0.0.0.0", 8080, "172.17.0.2", 5000),
@@ -59,6 +78,7 @@ def pp(protocol, host, host_port, target, target_port, source="iptables"):
     ],
     ids=[
         "podman netavark recorded: loopback tcp and udp",
+        "podman netavark recorded: consecutive ports as shifted ranges",
         "docker: any address, loopback, udp; RETURN and negations ignored",
         "docker ipv6: bracketed targets, any is ::",
         "kubernetes: nodeport endpoints and hostports, cluster ips left out",
@@ -78,7 +98,13 @@ RULE = "*nat\n:PREROUTING ACCEPT [0:0]\n:FWD - [0:0]\n-A PREROUTING -j FWD\n-A F
         ("-p tcp --dport 80 -j DNAT --to-destination [2001:db8::7]", [("2001:db8::7", 80)]),
         ("-p tcp --dport 80 -j DNAT --to-destination 203.0.113.7-203.0.113.9:80", []),
         ("-p tcp --dport 80 -j DNAT --to-destination 203.0.113.7:80-90", []),
-        ("-p tcp --dport 1000:2000 -j DNAT --to-destination 203.0.113.7", []),
+        ("-p tcp --dport 1000:1002 -j DNAT --to-destination 203.0.113.7",
+         [("203.0.113.7", 1000), ("203.0.113.7", 1001), ("203.0.113.7", 1002)]),
+        ("-p tcp --dport 1:65535 -j DNAT --to-destination 203.0.113.7", []),
+        ("-p tcp --dport 80:81 -j DNAT --to-destination 203.0.113.7:8080-8081/80",
+         [("203.0.113.7", 8080), ("203.0.113.7", 8081)]),
+        ("-p tcp --dport 80:81 -j DNAT --to-destination [2001:db8::7]:8080-8081/80",
+         [("2001:db8::7", 8080), ("2001:db8::7", 8081)]),
         ("-p tcp -m multiport --dports 80,443 -j DNAT --to-destination 203.0.113.7",
          [("203.0.113.7", 80), ("203.0.113.7", 443)]),
         ("-d 203.0.113.0/24 -p tcp --dport 80 -j DNAT --to-destination 203.0.113.7:8080",
@@ -91,7 +117,10 @@ RULE = "*nat\n:PREROUTING ACCEPT [0:0]\n:FWD - [0:0]\n-A PREROUTING -j FWD\n-A F
         "ipv6 address alone keeps the port",
         "address range has no single target",
         "port range has no single target",
-        "host port range is left out",
+        "host port range is read port by port",
+        "a range of more than 4096 ports is left out",
+        "shifted port range maps each port to its own",
+        "shifted port range, ipv6",
         "multiport gives one per port",
         "a subnet destination is any address",
         "1:1 nat publishes no port",

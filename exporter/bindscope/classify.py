@@ -117,13 +117,21 @@ def _canonical(address: str) -> str:
     return str(ip)
 
 
-def accepts_on(sock: Socket, address: str) -> bool:
+def accepts_on(sock: Socket, address: str, interface: str = "") -> bool:
     """Whether a connection to `address` (one of the namespace's) reaches the socket;
-    a link-local address may carry its zone (`fe80::1%eth0`, as probes name it)."""
+    a link-local address may carry its zone (`fe80::1%eth0`, as probes name it).
+    `interface`: the device holding the address, where its packets arrive; a socket
+    bound to a device (SO_BINDTODEVICE) takes them only when it is that device."""
     address = address.split("%", 1)[0]
     family = 6 if ":" in address else 4
-    target = host_address("", address, family)
+    target = host_address(interface, address, family)
     return bool(reachable_addresses(sock, [target]))
+
+
+def loopback_only(sock: Socket) -> bool:
+    """Whether only loopback traffic reaches the socket: bound to a loopback address, or
+    to the loopback device (whatever its address, it takes what arrives on lo alone)."""
+    return scope_of(sock.address) is Scope.LOOPBACK or sock.device == "lo"
 
 
 def after_firewall(

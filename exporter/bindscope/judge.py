@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from bindscope.classify import accepts_on
+from bindscope.classify import accepts_on, loopback_only
 from bindscope.config.load import IgnoreRule
 from bindscope.model import (
     HOST_NETNS,
@@ -21,7 +21,6 @@ from bindscope.model import (
     Published,
     PublishedPort,
     PublishedStatus,
-    Scope,
     ServiceSpec,
     Status,
     Verdict,
@@ -126,22 +125,31 @@ def unexpected(listeners: Iterable[Listener], ignore: Sequence[IgnoreRule]) -> t
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """The namespace that holds a published port's target address."""
+
+    netns: str  # its label
+    container: str
+    interface: str = ""  # the device the address is on: where forwarded packets arrive
+
+
 def judge_published(
     ports: Iterable[PublishedPort],
-    owners: Mapping[str, tuple[str, str]],
+    owners: Mapping[str, Owner],
     listeners: Sequence[Listener],
 ) -> tuple[Published, ...]:
     """A verdict for each published port whose target lives in a namespace on this host.
 
-    `owners` maps a namespace's address to (netns label, container name). Targets on
-    other hosts (a NodePort's pods elsewhere) are not ours to judge and are left out.
+    `owners` maps a namespace's address to its Owner. Targets on other hosts (a
+    NodePort's pods elsewhere) are not ours to judge and are left out.
     """
     out = []
     for p in ports:
         owner = owners.get(p.target_address)
         if owner is None:
             continue
-        netns, container = owner
+        netns, container = owner.netns, owner.container
         inside = tuple(
             lst
             for lst in listeners
@@ -149,9 +157,9 @@ def judge_published(
             and lst.socket.protocol.value == p.protocol
             and lst.socket.port == p.target_port
         )
-        if any(accepts_on(lst.socket, p.target_address) for lst in inside):
+        if any(accepts_on(lst.socket, p.target_address, owner.interface) for lst in inside):
             status = PublishedStatus.OK
-        elif inside and all(lst.scope is Scope.LOOPBACK for lst in inside):
+        elif inside and all(loopback_only(lst.socket) for lst in inside):
             status = PublishedStatus.LOOPBACK_ONLY
         else:
             status = PublishedStatus.NOT_LISTENING

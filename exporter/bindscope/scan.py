@@ -17,7 +17,7 @@ from bindscope.classify import after_firewall, exposure_of, host_address, scope_
 from bindscope.config.load import Config
 from bindscope.discover.inventory import Inventory, NamespaceView
 from bindscope.discover.processes import InodeResolver, read_process
-from bindscope.judge import judge, judge_published, unexpected
+from bindscope.judge import Owner, judge, judge_published, unexpected
 from bindscope.model import (
     HOST_NETNS,
     NO_PROCESS,
@@ -417,7 +417,7 @@ class Scanner:
             return ()
         ports = self._netfilter.published()
         owners = {
-            a.address: (v.label, v.container)
+            a.address: Owner(v.label, v.container, a.interface)
             for v in views
             if v.label != HOST_NETNS
             for a in addresses_of[v.label] or ()

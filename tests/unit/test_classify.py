@@ -7,6 +7,7 @@ from bindscope.classify import (
     after_firewall,
     exposure_of,
     host_address,
+    loopback_only,
     reachable_addresses,
     scope_of,
 )
@@ -43,9 +44,11 @@ def test_scope_of(address, scope):
     assert scope_of(address) is scope
 
 
-def sock(address, v6only=None, family=None):
+def sock(address, v6only=None, family=None, device=""):
     fam = family or (6 if ":" in address else 4)
-    return Socket(Protocol.TCP, address, 5000, fam, v6only, inode=1)
+    return Socket(
+        Protocol.TCP, address, 5000, fam, v6only, inode=1, ifindex=int(bool(device)), device=device
+    )
 
 
 LO = [host_address("lo", "127.0.0.1", 4), host_address("lo", "::1", 6)]
@@ -187,3 +190,56 @@ def test_after_firewall(socket_, verdicts, expected):
 )
 def test_accepts_on(socket_, address, accepts):
     assert accepts_on(socket_, address) is accepts
+
+
+@pytest.mark.parametrize(
+    ("socket_", "interface", "accepts"),
+    [
+        (sock("0.0.0.0", device="eth0"), "eth0", True),
+        (sock("0.0.0.0", device="eth0"), "eth1", False),
+        (sock("0.0.0.0", device="eth0"), "", False),
+        (sock("0.0.0.0", device="lo"), "eth0", False),
+        (sock("0.0.0.0"), "eth0", True),
+        (sock("0.0.0.0"), "", True),
+    ],
+    ids=[
+        "bound to the address's device",
+        "bound to another device",
+        "bound to a device, the address's unknown",
+        "bound to lo",
+        "no device, interface known",
+        "no device, interface unknown",
+    ],
+)
+def test_accepts_on_the_addresss_device(socket_, interface, accepts):
+    """A DNAT target's packets arrive on the device that holds its address."""
+    assert accepts_on(socket_, "203.0.113.2", interface) is accepts
+
+
+@pytest.mark.parametrize(
+    ("socket_", "only"),
+    [
+        (sock("127.0.0.1"), True),
+        (sock("::1"), True),
+        (sock("::ffff:127.0.0.1"), True),
+        (sock("0.0.0.0", device="lo"), True),
+        (sock("::", device="lo"), True),
+        (sock("0.0.0.0"), False),
+        (sock("::", v6only=True), False),
+        (sock("0.0.0.0", device="eth0"), False),
+        (sock("203.0.113.2"), False),
+    ],
+    ids=[
+        "127.0.0.1",
+        "::1",
+        "ipv4-mapped loopback",
+        "0.0.0.0 on lo",
+        ":: on lo",
+        "0.0.0.0",
+        "v6only wildcard",
+        "0.0.0.0 on eth0",
+        "own address",
+    ],
+)
+def test_loopback_only(socket_, only):
+    assert loopback_only(socket_) is only

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from bindscope.config.load import IgnoreRule
-from bindscope.judge import judge, judge_published, status_of, unexpected
+from bindscope.judge import Owner, judge, judge_published, status_of, unexpected
 from bindscope.model import (
     NO_PROCESS,
     Exposure,
@@ -194,14 +194,18 @@ def published(target="203.0.113.2", port=8080, protocol="tcp", host_port=18081):
     return PublishedPort(protocol, "127.0.0.1", host_port, target, port, "nft")
 
 
-OWNERS = {"203.0.113.2": ("netns:4026532", "app"), "2001:db8::2": ("netns:4026532", "app")}
+OWNERS = {
+    "203.0.113.2": Owner("netns:4026532", "app", "eth0"),
+    "2001:db8::2": Owner("netns:4026532", "app", "eth0"),
+}
 
 
-def inside(address, port=8080, v6only=None):
+def inside(address, port=8080, v6only=None, device=""):
     family = 6 if ":" in address else 4
     s = Socket(
-        Protocol.TCP, address, port, family, v6only, inode=1, netns="netns:4026532", container="app"
-    )
+        Protocol.TCP, address, port, family, v6only, inode=1, netns="netns:4026532",
+        container="app", ifindex=2 if device else 0, device=device,
+    )  # fmt: skip
     scope = Scope.LOOPBACK if address in ("127.0.0.1", "::1") else Scope.WILDCARD
     return Listener(s, PYTHON, scope, LOOP if scope is Scope.LOOPBACK else PRIV)
 
@@ -217,6 +221,14 @@ def inside(address, port=8080, v6only=None):
         (published(), [inside("0.0.0.0", port=5000)], PublishedStatus.NOT_LISTENING),
         (published(target="2001:db8::2"), [inside("::", v6only=True)], PublishedStatus.OK),
         (published(), [inside("127.0.0.1"), inside("203.0.113.2")], PublishedStatus.OK),
+        (published(), [inside("0.0.0.0", device="eth0")], PublishedStatus.OK),
+        (published(), [inside("0.0.0.0", device="eth1")], PublishedStatus.NOT_LISTENING),
+        (published(), [inside("0.0.0.0", device="lo")], PublishedStatus.LOOPBACK_ONLY),
+        (
+            published(),
+            [inside("127.0.0.1"), inside("0.0.0.0", device="lo")],
+            PublishedStatus.LOOPBACK_ONLY,
+        ),
     ],
     ids=[
         "app.run() inside: loopback only (the Flask bug behind -p)",
@@ -227,6 +239,10 @@ def inside(address, port=8080, v6only=None):
         "listens on another port",
         "IPv6 target, v6only wildcard",
         "bound to the target address itself",
+        "bound to the device the target address is on: takes the forwarded packets",
+        "bound to another device: they never reach it",
+        "bound to lo: loopback only, whatever its address",
+        "loopback address and lo device: loopback only",
     ],
 )
 def test_judge_published(port, listeners, status):

@@ -15,6 +15,31 @@ from bindscope.model import PublishedPort
 ANY4 = "0.0.0.0"
 ANY6 = "::"
 _MAX_DEPTH = 16  # jump chains deeper than Kubernetes' four levels are not followed
+# A host port range is read port by port up to this size: netavark writes consecutive
+# `-p` mappings as one range rule, and Kubernetes' NodePort range is 2768 ports.
+_MAX_RANGE = 4096
+
+
+@dataclass(frozen=True)
+class ToPorts:
+    """The port part of a DNAT target: one port, or a range shifted by a base
+    (`--to-destination ADDR:FIRST-LAST/BASE`, the kernel's NF_NAT_RANGE_PROTO_OFFSET),
+    which maps each host port to its own target port."""
+
+    first: int
+    last: int | None = None
+    base: int | None = None
+
+    def port_for(self, host_port: int) -> int | None:
+        """The target port a packet to `host_port` is sent to; None when the kernel picks
+        one of a range (a range without a base)."""
+        if self.last is None or self.last == self.first:
+            return self.first
+        if self.base is None:
+            return None
+        # nf_nat_l4proto_unique_tuple: a u16 offset from the base, wrapped into the range
+        size = self.last - self.first + 1
+        return self.first + ((host_port - self.base) % 65536) % size
 
 
 @dataclass(frozen=True)
@@ -40,11 +65,13 @@ class _Match:
 def _both(outer: tuple, inner: tuple) -> tuple | None:
     if not outer or not inner:
         return outer or inner
-    common = tuple(v for v in inner if v in outer)
+    within = set(outer)  # ranges are read port by port: thousands on each side
+    common = tuple(v for v in inner if v in within)
     return common or None
 
 
-# A rule's action: ("jump", chain), ("dnat", (address, port or None)), ("opaque", name).
+# A rule's action: ("jump", chain), ("dnat", (address, ToPorts or None to keep the
+# port)), ("opaque", name).
 _Action = tuple[str, Any]
 _Chains = dict[str, list[tuple[_Match, _Action]]]
 
@@ -65,7 +92,7 @@ def _walk(
                 continue
             yield from _walk(chains, value, ctx, source, (*path, chain))
         elif kind == "dnat":
-            address, port = value
+            address, to_ports = value
             family = 6 if ":" in address else 4
             if ctx.daddr and (":" in ctx.daddr) != (family == 6):
                 continue  # `dnat ip to` never applies to an IPv6 packet, nor the reverse
@@ -73,8 +100,9 @@ def _walk(
             # A DNAT without a protocol and port (a 1:1 address NAT) publishes no port.
             for protocol in ctx.protocols:
                 for host_port in ctx.ports:
-                    target = port if port is not None else host_port
-                    yield PublishedPort(protocol, host, host_port, address, target, source)
+                    target = host_port if to_ports is None else to_ports.port_for(host_port)
+                    if target is not None:
+                        yield PublishedPort(protocol, host, host_port, address, target, source)
 
 
 def dedupe(ports: Iterable[PublishedPort]) -> list[PublishedPort]:
@@ -146,7 +174,8 @@ def _nft_rule(exprs: Iterable[dict]) -> tuple[_Match, _Action | None]:
             d = e["dnat"] or {}
             addr, port = d.get("addr"), d.get("port")
             if isinstance(addr, str) and (port is None or isinstance(port, int)):
-                return _Match(protocols, ports, daddr), ("dnat", (addr, port))
+                to_ports = None if port is None else ToPorts(port)
+                return _Match(protocols, ports, daddr), ("dnat", (addr, to_ports))
             return _Match(), None  # a map or a range: no single target to check
         elif "xt" in e and e["xt"].get("type") == "target" and e["xt"].get("name") == "DNAT":
             return _Match(), ("opaque", "DNAT")
@@ -227,7 +256,7 @@ def _iptables_rule(args: list[str]) -> tuple[_Match, _Action] | None:
     protocol = values.get("protocol", "")
     match = _Match(
         (protocol,) if protocol in ("tcp", "udp") else (),
-        tuple(int(v) for v in values.get("ports", "").split(",") if v.isdigit()),
+        _ipt_ports(values.get("ports", "")),
         _single_host(values.get("daddr", "")),
     )
     target = values.get("target", "")
@@ -238,6 +267,19 @@ def _iptables_rule(args: list[str]) -> tuple[_Match, _Action] | None:
     return (match, ("jump", target)) if target else None
 
 
+def _ipt_ports(value: str) -> tuple[int, ...]:
+    """`--dport 80`, `--dport 8000:8002` or `--dports 80,8000:8002` as single ports; an
+    open or larger range than _MAX_RANGE is left out."""
+    ports: list[int] = []
+    for part in value.split(",") if value else ():
+        low, sep, high = part.partition(":")
+        if not sep and low.isdigit():
+            ports.append(int(low))
+        elif low.isdigit() and high.isdigit() and 0 <= int(high) - int(low) < _MAX_RANGE:
+            ports.extend(range(int(low), int(high) + 1))
+    return tuple(ports)
+
+
 def _single_host(value: str) -> str:
     addr, _, length = value.partition("/")
     if "," in addr or (length and length != ("128" if ":" in addr else "32")):
@@ -245,8 +287,10 @@ def _single_host(value: str) -> str:
     return addr
 
 
-def _to_destination(value: str) -> tuple[str, int | None] | None:
-    """--to-destination ADDR[:PORT] ([ADDR6]:PORT); ranges have no single target."""
+def _to_destination(value: str) -> tuple[str, ToPorts | None] | None:
+    """--to-destination ADDR[:PORT] ([ADDR6]:PORT), or a port range shifted by a base
+    (ADDR:FIRST-LAST/BASE, as netavark writes consecutive ports); an address range, and
+    a port range without a base, have no single target."""
     if value.startswith("["):
         addr, _, rest = value[1:].partition("]")
         port = rest[1:]
@@ -254,9 +298,17 @@ def _to_destination(value: str) -> tuple[str, int | None] | None:
         addr, port = value.split(":")
     else:
         addr, port = value, ""
-    if not addr or "-" in addr or (port and not port.isdigit()):
+    if not addr or "-" in addr:
         return None
-    return addr, int(port) if port else None
+    if not port:
+        return addr, None
+    if port.isdigit():
+        return addr, ToPorts(int(port))
+    span, _, base = port.partition("/")
+    first, _, last = span.partition("-")
+    if first.isdigit() and last.isdigit() and base.isdigit() and int(first) <= int(last):
+        return addr, ToPorts(int(first), int(last), int(base))
+    return None
 
 
 # ---- docker-proxy ----
