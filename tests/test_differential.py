@@ -23,15 +23,14 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 BINDS = (
-    *(
-        Bind(a, p, v6only=a == "::")
-        for p in (22, 80, 443, 5432, 8080, 30080)
-        for a in ("0.0.0.0", "::")
-    ),
+    *(Bind(a, p, v6only=a == "::") for p in (22, 80, 443, 5432, 8080) for a in ("0.0.0.0", "::")),
     Bind("::", 9090),  # dual stack: IPv4 too
     Bind("::", 3000),
     Bind("198.51.100.129", 8443),
     Bind("2001:db8::1", 8443),
+    # the node ports and the health check node port of the kube-proxy entry (IPv4 only,
+    # as its rules are); probes run concurrently, so a few more ports cost little time
+    *(Bind("0.0.0.0", p) for p in (3001, 3002, 3003, 30000)),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from bindscope.model import PublishedPort
 from bindscope.netfilter.nat import (
     docker_proxy_ports,
+    nat_from_nft,
     parse_iptables_nat,
     parse_nft_nat,
 )
@@ -264,6 +266,47 @@ def test_read_published_ports_reads_legacy_iptables_too(tmp_path):
     assert run.calls == ["nft", "iptables-legacy-save", "ip6tables-legacy-save"]
     assert [p for p in found if p.source == "iptables"] == PODMAN_PORTS
     assert errs == ()
+
+
+# Docker's and kube-proxy's own rules (tests/fixtures/corpus, their sources in the
+# headers), as iptables-nft-save and nft print them once loaded: record-real.sh.
+REAL = {
+    "docker-28-published": [pp("tcp", "0.0.0.0", 8080, "203.0.113.130", 80)],
+    # `-d 127.0.0.1/32` on the DNAT: published on loopback only
+    "docker-29-published-loopback": [pp("tcp", "127.0.0.1", 8080, "203.0.113.130", 80)],
+    # the node ports through KUBE-EXT, KUBE-SVC (statistic, recent) and KUBE-SEP chains;
+    # cluster, external and load balancer IPs publish nothing on the host's addresses
+    "kube-proxy-overall": [
+        pp("tcp", "0.0.0.0", 3001, "203.0.113.194", 80),
+        pp("tcp", "0.0.0.0", 3003, "203.0.113.195", 80),
+        pp("tcp", "0.0.0.0", 3002, "203.0.113.195", 80),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_parse_iptables_nat_real_rules(name):
+    text = (NAT / f"{name}.iptables-save").read_text()
+    assert parse_iptables_nat(text) == REAL[name]
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_read_published_ports_real_rules_through_iptables_nft_save(tmp_path, name):
+    # iptables-nft writes Docker's and kube-proxy's DNAT as an xt target whose
+    # destination nft's JSON leaves out: the reader must take it from iptables-nft-save.
+    doc = (NAT / f"{name}.nft.json").read_text()
+    assert nat_from_nft(json.loads(doc)["nftables"]) == ([], True)
+    run = _runner(
+        {
+            "nft": doc,
+            "iptables-nft-save": (NAT / f"{name}.iptables-save").read_text(),
+            "ip6tables-nft-save": EMPTY_SAVE,
+        }
+    )
+    state = read_netfilter(runner=run, proc=str(tmp_path), legacy=False)
+    assert list(state.nat) == REAL[name]
+    assert state.nat_errors == ()
+    assert run.calls == ["nft", "iptables-nft-save", "ip6tables-nft-save"]
 
 
 def _process(proc: Path, pid: int, comm: str, argv: list[str]) -> None:
