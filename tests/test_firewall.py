@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
 import pytest
-from support import load_ruleset, require_binary, require_root
+from support import load_ruleset, private_firewalld, require_binary, require_root, run
 
 from bindscope.diagnose.fixes import closing_command, opening_command
 from bindscope.model import Firewall
@@ -336,3 +337,39 @@ def test_a_named_namespace_without_legacy_tools_keeps_the_nft_ruleset():
     rs, err = read_ruleset("/run/netns/x", runner=runner)
     assert err == ""
     assert rs is not None and rs.chains
+
+
+def _host_firewalld_state() -> tuple:
+    """What a firewalld on the host would leave: its table in the host's ruleset, changes
+    under /etc/firewalld, its runtime directory and log file."""
+    tables = run("nft", "list", "tables").stdout
+    etc = Path("/etc/firewalld")
+    digest = hashlib.sha256()
+    for f in sorted(etc.rglob("*")) if etc.exists() else ():
+        digest.update(str(f).encode() + (f.read_bytes() if f.is_file() else b""))
+    return (
+        "firewalld" in tables,
+        digest.hexdigest(),
+        Path("/run/firewalld").exists(),
+        Path("/var/log/firewalld").exists(),
+    )
+
+
+@pytest.mark.root
+def test_a_private_firewalld_filters_its_namespace_only(two_hosts):
+    require_root()
+    require_binary("nft")
+    before = _host_firewalld_state()
+    with private_firewalld(two_hosts.server) as fw:
+        fw.cmd("--permanent", "--add-port=5000/tcp")  # written to its copy, not the host's
+        fw.cmd("--reload")
+        fw.cmd("--add-masquerade")  # sets ip_forward: the namespace's own sysctl
+        inside = two_hosts.exec(two_hosts.server, "nft", "list", "table", "inet", "firewalld")
+        assert "tcp dport 5000 accept" in inside.stdout
+        assert 'port="5000"' in (fw.dir / "etc-firewalld/zones/public.xml").read_text()
+        assert _host_firewalld_state() == before
+        private = fw.dir
+    assert not private.exists()
+    assert "firewalld" not in two_hosts.exec(two_hosts.server, "nft", "list", "tables").stdout
+    assert run("ip", "netns", "pids", two_hosts.server).stdout.split() == []
+    assert _host_firewalld_state() == before
