@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -73,10 +75,12 @@ CASES = [
     ("prerouting", "tcp", 4, H4, 22, ACCEPT, False, "policy accept"),
     ("prerouting", "udp", 4, H4, 53, UNKNOWN, False, "notrack"),
     ("prerouting", "tcp", 4, H4, 8080, ACCEPT, True, "dnat"),
-    ("firewalld", "tcp", 4, H4, 5000, ACCEPT, False, "tcp dport 5000 ct state { new, untracked }"),
-    ("firewalld", "tcp", 6, H6, 22, ACCEPT, False, "tcp dport 22 ct state { new, untracked }"),
-    ("firewalld", "tcp", 4, H4, 5432, ACCEPT, True, "ip saddr 10.0.0.0/8 tcp dport 5432"),
+    ("firewalld", "tcp", 4, H4, 5000, ACCEPT, False, "tcp dport 5000 accept"),
+    ("firewalld", "tcp", 6, H6, 22, ACCEPT, False, "tcp dport 22 accept"),
+    ("firewalld", "tcp", 4, H4, 5432, ACCEPT, True, "ip saddr 198.51.100.0/25 tcp dport 5432"),
     ("firewalld", "tcp", 4, H4, 8080, ACCEPT, True, "other sources or interfaces are dropped"),
+    # dhcpv6-client's rule is for fe80::/64 only: on eth0 (public) 546 is rejected
+    ("firewalld", "udp", 6, H6, 546, ACCEPT, True, "other sources or interfaces are dropped"),
     ("iptables_nft", "tcp", 4, H4, 8010, ACCEPT, False, "--dports 80,443,8000:8010 -j ACCEPT"),
     ("iptables_nft", "tcp", 4, H4, 5000, ACCEPT, False, "-A SERVICES -p tcp -m tcp --dport 5000"),
     ("iptables_nft", "udp", 4, H4, 5353, DROP, False, "policy drop"),
@@ -373,3 +377,53 @@ def test_a_private_firewalld_filters_its_namespace_only(two_hosts):
     assert "firewalld" not in two_hosts.exec(two_hosts.server, "nft", "list", "tables").stdout
     assert run("ip", "netns", "pids", two_hosts.server).stdout.split() == []
     assert _host_firewalld_state() == before
+
+
+FIREWALLD_RECORDED = [
+    Path(__file__).parent / "fixtures" / "corpus" / "firewalld-public-trusted.nft",
+    FIX / "src" / "firewalld.nft",
+]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("path", FIREWALLD_RECORDED, ids=lambda p: p.parent.name + "/" + p.name)
+def test_recorded_firewalld_rulesets_are_what_firewalld_writes(path: Path):
+    """Each `# $ firewall-cmd ...` line of the header, run against a private firewalld in a
+    bare namespace, leaves exactly the recorded body in `nft list ruleset`.
+    BINDSCOPE_UPDATE_GOLDEN=1 records the body again (then run record.sh for the JSON)."""
+    require_root()
+    require_binary("ip", "nft")
+    lines = path.read_text().splitlines(keepends=True)
+    header = [line for line in lines if line.startswith("#")]
+    assert lines[: len(header)] == header, "the header comes first, the recorded text after"
+    commands = [
+        shlex.split(line.removeprefix("# $ firewall-cmd "))
+        for line in header
+        if line.startswith("# $ firewall-cmd ")
+    ]
+    assert commands
+    ns = f"bss-{os.getpid()}-rec"
+    run("ip", "netns", "add", ns)
+    try:
+        with private_firewalld(ns) as fw:
+            for args in commands:
+                fw.cmd(*args)
+            got = run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
+    finally:
+        run("ip", "netns", "del", ns, check=False)
+    if os.environ.get("BINDSCOPE_UPDATE_GOLDEN"):
+        path.write_text("".join(header) + got)
+    assert path.read_text().removeprefix("".join(header)) == got
+
+
+@pytest.mark.parametrize(
+    ("iface", "verdict", "chain", "rule"),
+    [
+        ("eth0", DROP, "filter_IN_public", "reject with icmpx admin-prohibited"),
+        ("eth1", ACCEPT, "filter_IN_trusted", "accept"),
+        ("eth9", DROP, "filter_IN_public", "reject with icmpx admin-prohibited"),  # default zone
+    ],
+)
+def test_firewalld_the_input_interfaces_zone_decides(iface, verdict, chain, rule):
+    d = evaluate(load("firewalld"), "tcp", 4, H4, 8080, interfaces=(iface,))
+    assert (d.verdict, d.chain, d.rule, d.restricted) == (verdict, chain, rule, False), d
