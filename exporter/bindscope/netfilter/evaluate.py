@@ -319,6 +319,10 @@ def _policy(chain: Chain) -> _Outcome:
 
 
 _NOOP_STMTS = {"counter", "log", "comment", "masquerade", "snat"}
+# Objects attached to the connection (firewalld's samba-client, ftp, tftp services assign
+# a helper ahead of their accept): they act on later, related packets, never on whether
+# this NEW one gets in.
+_CT_OBJECT_STMTS = {"ct helper", "ct timeout", "ct expectation"}
 _MATCHLIKE_STMTS = {"limit", "quota", "meter", "set", "xt", "synproxy", "flow"}
 
 
@@ -339,7 +343,11 @@ def _rule_effect(
                 forks.append(r)
             elif isinstance(r, _Unknown):
                 unknowns.append(r.reason)
-        elif key in _NOOP_STMTS or (key == "mangle" and _is_mark(v.get("key"))):
+        elif (
+            key in _NOOP_STMTS
+            or key in _CT_OBJECT_STMTS
+            or (key == "mangle" and _is_mark(v.get("key")))
+        ):
             continue
         elif key == "xt" and v.get("type") == "target":
             if v.get("name") == "REJECT":
