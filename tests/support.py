@@ -271,6 +271,11 @@ class TwoHosts:
     def prefix(self, ns: str) -> list[str]:
         return ["ip", "netns", "exec", ns]
 
+    @property
+    def server_device(self) -> str:
+        """The server's end of the veth pair."""
+        return self._veth + "s"
+
     def delete(self) -> None:
         for ns in (self.server, self.client):
             # killing what still runs inside lets the namespace go away at once
@@ -281,8 +286,8 @@ class TwoHosts:
             run("ip", "netns", "del", ns, check=False)
         run("ip", "link", "del", self._veth + "s", check=False)
 
-    def connect(self, address: str, port: int, timeout: float = 2.0) -> str:
-        """From the client namespace, as telnet does: 'ok' or the error."""
+    def connect(self, address: str, port: int, timeout: float = 2.0, ns: str = "") -> str:
+        """From the client namespace (or `ns`), as telnet does: 'ok' or the error."""
         code = (
             "import socket,sys\n"
             f"s=socket.create_connection(({address!r},{port}),timeout={timeout})\n"
@@ -292,7 +297,7 @@ class TwoHosts:
             "ip",
             "netns",
             "exec",
-            self.client,
+            ns or self.client,
             sys.executable,
             "-c",
             code,

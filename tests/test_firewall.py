@@ -235,8 +235,12 @@ def test_read_failure_is_an_error_string(answer, error):
             "tcp",
             5000,
             "",
-            "firewall-cmd --permanent --zone=public --add-rich-rule='rule port "
-            'port="5000" protocol="tcp" drop\' && firewall-cmd --reload',
+            " && ".join(
+                f"firewall-cmd{p} --zone={z} --add-rich-rule='rule port "
+                'port="5000" protocol="tcp" drop\''
+                for z in ("public", "trusted")  # eth0 and eth1: closed in both zones
+                for p in ("", " --permanent")
+            ),
         ),
         (
             "inet_drop",
@@ -271,7 +275,7 @@ def test_commands(name, proto, port, opening, closing):
         (Decision(DROP, rule="policy drop"), "iptables -I INPUT -p udp --dport 53 -j ACCEPT"),
         (
             Decision(DROP, "firewalld", "filter_INPUT", family="inet", manager="firewalld"),
-            "firewall-cmd --permanent --add-port=53/udp && firewall-cmd --reload",
+            "firewall-cmd --add-port=53/udp && firewall-cmd --permanent --add-port=53/udp",
         ),
     ],
     ids=["no-table", "firewalld-default-zone"],

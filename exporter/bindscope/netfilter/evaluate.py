@@ -125,6 +125,7 @@ class _Outcome:
     rule: Rule | None = None
     text: str = ""
     reason: str = ""
+    via: tuple[Chain, ...] = ()  # on an accept: each chain whose rule accepted, base by base
 
 
 class _Unsupported(Exception):
@@ -198,6 +199,7 @@ def _decide(ruleset: Ruleset, outcomes: list[_Outcome]) -> Decision:
         restricted = False
         reason = chosen.reason
     c, r = chosen.chain, chosen.rule
+    accepted_in = dict.fromkeys((v.family, v.table, v.name) for o in accepted for v in o.via)
     return Decision(
         verdict=chosen.verdict,
         table=c.table if c else "",
@@ -209,6 +211,7 @@ def _decide(ruleset: Ruleset, outcomes: list[_Outcome]) -> Decision:
         reason=reason,
         backend=c.backend if c else "",
         manager=ruleset.manager,
+        accepted_in=tuple(accepted_in),
     )
 
 
@@ -232,6 +235,7 @@ def _base_chains(ruleset: Ruleset, family: int) -> list[Chain]:
 def _walk(ruleset: Ruleset, pkt: _Packet) -> _Outcome | _Fork:
     """Every base chain in hook and priority order; drop is final, accept goes on."""
     first_accept: _Outcome | None = None
+    via: list[Chain] = []  # every base chain's accepting rule's chain, for fixes
     last_policy: _Outcome | None = None
     pending: _Outcome | None = None  # an unknown that a later definite drop overrides
     for chain in _base_chains(ruleset, pkt.family):
@@ -255,12 +259,14 @@ def _walk(ruleset: Ruleset, pkt: _Packet) -> _Outcome | _Fork:
             pending = pending or result
         elif result.rule is not None and chain.type == "filter":
             first_accept = first_accept or result
+            if result.chain is not None:
+                via.append(result.chain)
         elif chain.type == "filter":
             last_policy = result
     if pending:
         return pending
     if first_accept:
-        return first_accept
+        return dataclasses.replace(first_accept, via=tuple(via))
     return last_policy or _Outcome(Firewall.ACCEPT, text="no filter")
 
 
