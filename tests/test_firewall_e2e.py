@@ -1,5 +1,6 @@
 """Issue 11 end to end: a port dropped by the server namespace's firewall (nft, iptables,
-ufw), as the client namespace, the exporter and `bindscope diagnose` each see it.
+ufw, a private firewalld), as the client namespace, the exporter and `bindscope diagnose`
+each see it, and firewalld's fixes applied as printed.
 
 Every rule is written inside the test's server namespace only; the namespaces go away
 with the `two_hosts` fixture, and the rules with them.
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 from support import (
     TOOL,
+    Firewalld,
     Metrics,
     TwoHosts,
     private_firewalld,
@@ -75,6 +77,7 @@ class Server:
         self.hosts = hosts
         self.tmp = tmp
         self.procs: list[subprocess.Popen] = []
+        self.firewalld: Firewalld | None = None  # started by firewalld_drop, closed here
         self.exporter = start_exporter(
             CONFIG,
             ready=False,
@@ -137,6 +140,8 @@ class Server:
         return r.returncode, r.stdout + r.stderr
 
     def close(self) -> None:
+        if self.firewalld is not None:
+            self.firewalld.close()
         for proc in self.procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -165,6 +170,7 @@ class Drop:
     rule: str  # the deciding rule's text, as diagnose shows it
     opening: tuple[str, ...]  # the command diagnose names to open the port: one of these
     undo: Callable[[], object]
+    client: str = TIMED_OUT  # what the client's connect gets while dropped
 
 
 def nft_drop(srv: Server, port: int) -> Drop:
@@ -217,8 +223,31 @@ def ufw_drop(srv: Server, port: int) -> Drop:
     )
 
 
-WRITERS = [nft_drop, iptables_drop, ufw_drop]
-WRITER_IDS = ["nft-rule", "iptables-command", "ufw"]
+def firewalld_drop(srv: Server, port: int) -> Drop:
+    """A private firewalld from its defaults: zone public rejects the port. Undone by
+    running the opening command diagnose prints, as printed."""
+    require_binary("firewalld", "firewall-cmd", "dbus-daemon", "unshare")
+    fw = srv.firewalld = Firewalld(srv.hosts.server)
+    fw.start()
+    fw.cmd(f"--add-port={EXPORTER_PORT}/tcp")  # Prometheus, on the client, still scrapes
+    listed = srv.exec("nft", "-a", "list", "chain", "inet", "firewalld", "filter_IN_public")
+    handle = re.search(r"reject with icmpx admin-prohibited # handle (\d+)", listed.stdout)
+    assert handle, listed.stdout
+    opening = (
+        f"firewall-cmd --zone=public --add-port={port}/tcp && "
+        f"firewall-cmd --permanent --zone=public --add-port={port}/tcp"
+    )
+    return Drop(
+        rule=f"table inet firewalld, chain filter_IN_public, handle {handle.group(1)}: "
+        "`reject with icmpx admin-prohibited` (written by firewalld)",
+        opening=(opening,),
+        undo=lambda: fw.shell(opening),
+        client="OSError: [Errno 113] No route to host",  # its reject: admin-prohibited
+    )
+
+
+WRITERS = [nft_drop, iptables_drop, ufw_drop, firewalld_drop]
+WRITER_IDS = ["nft-rule", "iptables-command", "ufw", "firewalld"]
 
 
 def shown(m: Metrics, service: str, port: int) -> list[str]:
@@ -252,7 +281,7 @@ def test_dropped_for_other_hosts_is_blocked_until_the_rule_goes(server, write):
     drop = write(server, APP_PORT)
     m = server.wait(lambda m: m.status("app") == "blocked", "app blocked")
     client = hosts.connect(S4, APP_PORT, timeout=1.0)
-    assert client == TIMED_OUT
+    assert client == drop.client
     assert m.exposure("app") == "private"
     assert m.get("bindscope_service_effective_exposure", service="app", exposure="loopback") == 1
     fw = {"protocol": "tcp", "address": "0.0.0.0", "port": str(APP_PORT), "netns": "host"}
