@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from support import run, ufw_script
+from support import Firewalld, require_binary, run, ufw_script
 
 AGENT = str(Path(__file__).with_name("netlab_agent.py"))
 LINKS = (
@@ -86,6 +87,7 @@ class Lab:
     clients: tuple[str, ...] = ()
     procs: list[subprocess.Popen] = field(default_factory=list)
     legacy_used: bool = False
+    firewalld: Firewalld | None = None  # made by the first .firewalld entry, kept for the next
 
     def __post_init__(self) -> None:
         # the creating pid is in the name, so conftest removes what a killed run left
@@ -166,6 +168,8 @@ class Lab:
         return self.start(self.server, "listen", json.dumps(spec))
 
     def delete(self) -> None:
+        if self.firewalld is not None:
+            self.firewalld.close()
         for proc in self.procs:
             with contextlib.suppress(OSError):
                 proc.kill()
@@ -180,6 +184,8 @@ class Lab:
     # --- rulesets -------------------------------------------------------------------
 
     def reset(self) -> None:
+        if self.firewalld is not None:
+            self.firewalld.stop()  # else it would write its rules again (on a reload, say)
         self.exec(self.server, "nft", "flush", "ruleset")
         # The last ruleset's connections must not decide the next one's: a SYN that reuses
         # the 4-tuple of an entry left established (its FIN dropped by a later ruleset)
@@ -226,6 +232,14 @@ class Lab:
             for line in text.splitlines():
                 if line.strip() and not line.startswith("#"):
                     ufw(self, tmp, line.split())
+        elif kind == ".firewalld":
+            require_binary("firewalld", "firewall-cmd", "dbus-daemon")
+            if self.firewalld is None:  # one bus for the lab; firewalld anew for each entry
+                self.firewalld = Firewalld(self.server)
+            self.firewalld.start()  # from a fresh copy of the defaults
+            for line in text.splitlines():
+                if line.strip() and not line.startswith("#"):
+                    self.firewalld.cmd(*shlex.split(line))
         else:
             raise ValueError(f"unknown corpus entry kind {path}")
 

@@ -25,9 +25,11 @@ if [ "$(id -u)" = 0 ]; then
     command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
     command -v jsonnet >/dev/null || need+=(jsonnet)
     # the daemons whose fixes tests/test_daemons.py applies (each runs there as the test's
-    # own process in a test namespace, never as the system's service), and the browser of
-    # tests/test_landing.py
+    # own process in a test namespace, never as the system's service), firewalld (the tests
+    # run a private one inside a test namespace, support.Firewalld: it must never filter
+    # the host), and the browser of tests/test_landing.py
     daemons=()
+    command -v firewalld >/dev/null || daemons+=(firewalld)
     command -v chromium >/dev/null || daemons+=(chromium)
     command -v redis-server >/dev/null || daemons+=(redis-server)
     command -v nginx >/dev/null || daemons+=(nginx)
@@ -70,6 +72,11 @@ if [ "$(id -u)" = 0 ]; then
                 esac
                 systemctl disable --now "$unit" 2>/dev/null || true
             done
+            # D-Bus activation (its dbus-org.fedoraproject.FirewallD1 alias) or another
+            # unit's dependency would start it again: masked, nothing can
+            if [[ " ${daemons[*]} " == *" firewalld "* ]]; then
+                systemctl mask --now firewalld 2>/dev/null || true
+            fi
         fi
     fi
 fi

@@ -15,9 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -268,6 +271,11 @@ class TwoHosts:
     def prefix(self, ns: str) -> list[str]:
         return ["ip", "netns", "exec", ns]
 
+    @property
+    def server_device(self) -> str:
+        """The server's end of the veth pair."""
+        return self._veth + "s"
+
     def delete(self) -> None:
         for ns in (self.server, self.client):
             # killing what still runs inside lets the namespace go away at once
@@ -278,8 +286,8 @@ class TwoHosts:
             run("ip", "netns", "del", ns, check=False)
         run("ip", "link", "del", self._veth + "s", check=False)
 
-    def connect(self, address: str, port: int, timeout: float = 2.0) -> str:
-        """From the client namespace, as telnet does: 'ok' or the error."""
+    def connect(self, address: str, port: int, timeout: float = 2.0, ns: str = "") -> str:
+        """From the client namespace (or `ns`), as telnet does: 'ok' or the error."""
         code = (
             "import socket,sys\n"
             f"s=socket.create_connection(({address!r},{port}),timeout={timeout})\n"
@@ -289,7 +297,7 @@ class TwoHosts:
             "ip",
             "netns",
             "exec",
-            self.client,
+            ns or self.client,
             sys.executable,
             "-c",
             code,
@@ -446,3 +454,208 @@ def ufw_script(state: Path, args: list[str]) -> list[str]:
         "-c",
         f"{mounts} && ufw {' '.join(args)}",
     ]
+
+
+FIREWALLD_READY_DEADLINE = 60.0  # seconds; it starts in about half a second here
+
+# A private system bus: only root may connect, anyone on it may own any name (firewalld
+# owns org.fedoraproject.FirewallD1), nothing is activated (no servicedir), and with no
+# polkit on it firewalld authorizes its callers by uid 0.
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="root"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+
+# What the tests rely on, whatever the host's own firewalld.conf says: the package's
+# defaults for the keys that shape the rules.
+_FIREWALLD_CONF = {
+    "DefaultZone": "public",
+    "FirewallBackend": "nftables",
+    "CleanupOnExit": "yes",  # SIGTERM removes its table: nothing outlives stop()
+    "FlushAllOnReload": "yes",
+    "IPv6_rpfilter": "yes",
+    "IndividualCalls": "no",
+    "LogDenied": "off",
+    "Lockdown": "no",
+}
+
+
+class Firewalld:
+    """A private firewalld inside the `ip netns` namespace `netns`, for tests.
+
+    Its own dbus-daemon (a private system-bus config, its socket in a temporary
+    directory; firewall-cmd reaches it through DBUS_SYSTEM_BUS_ADDRESS, `env`), and
+    firewalld --nofork --nopid in a private mount namespace where /etc/firewalld is a copy
+    in that directory, /run and /var/log are empty tmpfs (its temp dir, pid and log paths)
+    and modprobe/rmmod are /bin/true (kernel modules are the host's). Both processes live in
+    `netns`, so firewalld's rules and sysctls (ip_forward) are that namespace's alone.
+    close() kills both and removes the directory; use it through `private_firewalld`.
+    """
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        # under /tmp, not a test's tmp_path: a unix socket path has at most 107 bytes
+        self.dir = Path(tempfile.mkdtemp(prefix="bs-firewalld-"))
+        self.address = f"unix:path={self.dir / 'bus'}"
+        self.env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.address}
+        self.log_path = self.dir / "firewalld.log"
+        self._bus: subprocess.Popen | None = None
+        self._daemon: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    def _in_netns(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *args]
+
+    def _start_bus(self) -> None:
+        conf = self.dir / "bus.conf"
+        conf.write_text(_BUS_CONFIG.format(socket=self.dir / "bus"))
+        self._bus = subprocess.Popen(
+            self._in_netns("dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,  # it warns that it cannot raise its fd limit
+            start_new_session=True,
+        )
+        wait_for(lambda: (self.dir / "bus").exists(), 10.0, what="the private D-Bus socket")
+
+    def _fresh_config(self) -> Path:
+        """The package's configuration as installed: firewalld.conf with the keys above,
+        no zones, services or policies of the host's own."""
+        etc = self.dir / "etc-firewalld"
+        shutil.rmtree(etc, ignore_errors=True)
+        etc.mkdir(mode=0o750)
+        for sub in ("helpers", "icmptypes", "ipsets", "policies", "services", "zones"):
+            (etc / sub).mkdir()
+        for name in ("firewalld.conf", "lockdown-whitelist.xml"):
+            if Path("/etc/firewalld", name).exists():
+                shutil.copy2(Path("/etc/firewalld", name), etc / name)
+        conf = (etc / "firewalld.conf").read_text() if (etc / "firewalld.conf").exists() else ""
+        for key, value in _FIREWALLD_CONF.items():
+            conf, n = re.subn(rf"(?m)^{key}=.*$", f"{key}={value}", conf)
+            if not n:
+                conf += f"{key}={value}\n"
+        (etc / "firewalld.conf").write_text(conf)
+        return etc
+
+    def start(self) -> None:
+        """firewalld from a fresh copy of the defaults (the last one's changes are gone),
+        once it answers on the bus with state running."""
+        self.stop()
+        if self._bus is None or self._bus.poll() is not None:
+            self._start_bus()
+        etc = self._fresh_config()
+        # the private mount namespace's mounts go away with firewalld; nothing is written
+        # to the host's /etc, /run or /var/log
+        script = " && ".join(
+            [
+                "mount -t tmpfs -o mode=0755 bs-firewalld-run /run",
+                "mount -t tmpfs -o mode=0755 bs-firewalld-log /var/log",
+                f"mount --bind {etc} /etc/firewalld",
+                *(
+                    f"mount --bind /bin/true {tool}"
+                    for tool in ("/sbin/modprobe", "/sbin/rmmod")
+                    if os.path.lexists(tool)
+                ),
+                "exec firewalld --nofork --nopid --log-target console",
+            ]
+        )
+        self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop())
+        self._daemon = subprocess.Popen(
+            self._in_netns("unshare", "--mount", "--propagation", "private", "sh", "-c", script),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+
+        def running() -> bool:
+            if self._daemon is None or self._daemon.poll() is not None:
+                raise AssertionError(f"firewalld exited: {self.log()}")
+            r = self.cmd("--state", check=False)
+            return r.stdout.strip() == "running"
+
+        wait_for(running, FIREWALLD_READY_DEADLINE, interval=0.1, what="firewalld running")
+
+    def cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """firewall-cmd ARGS in the namespace, against this firewalld."""
+        r = subprocess.run(
+            self._in_netns("firewall-cmd", *args),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env,
+        )
+        if check and r.returncode != 0:
+            raise RuntimeError(
+                f"firewall-cmd {' '.join(args)}: exit {r.returncode}: "
+                f"{(r.stderr or r.stdout).strip()}"
+            )
+        return r
+
+    def shell(self, command: str) -> subprocess.CompletedProcess:
+        """A command line as an admin would type it in that namespace (sh -c)."""
+        return subprocess.run(
+            self._in_netns("sh", "-c", command),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env,
+            check=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def running(self) -> bool:
+        return self._daemon is not None and self._daemon.poll() is None
+
+    def stop(self) -> None:
+        """firewalld only (its table goes with it: CleanupOnExit); the bus stays."""
+        if self._daemon is not None:
+            _end(self._daemon, timeout=30.0)
+            self._daemon = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._bus is not None:
+            _end(self._bus, timeout=5.0)
+            self._bus = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _end(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to its process group, SIGKILL if it outlives the timeout."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def private_firewalld(netns: str) -> Iterator[Firewalld]:
+    """A started Firewalld in `netns`, closed however the block ends."""
+    require_binary("firewalld", "firewall-cmd", "dbus-daemon", "unshare")
+    fw = Firewalld(netns)
+    try:
+        fw.start()
+        yield fw
+    finally:
+        fw.close()

@@ -91,7 +91,9 @@ def unknown_allowed(path: Path) -> set[int] | None:
 
 
 ENTRIES = sorted(
-    p for p in CORPUS.iterdir() if p.suffix in (".nft", ".sh", ".ipt", ".legacy", ".ufw")
+    p
+    for p in CORPUS.iterdir()
+    if p.suffix in (".nft", ".sh", ".ipt", ".legacy", ".ufw", ".firewalld")
 )
 
 
@@ -99,6 +101,8 @@ ENTRIES = sorted(
 def test_corpus_ruleset_verdicts_are_the_kernels(harness: Harness, entry: Path) -> None:
     if entry.suffix == ".ufw":
         require_binary("ufw")
+    if entry.suffix == ".firewalld":
+        require_binary("firewalld", "firewall-cmd", "dbus-daemon")
     if entry.suffix == ".legacy":
         require_binary("iptables-legacy-restore")
     harness.lab.load(entry, harness.tmp)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
-from support import load_ruleset, require_binary, require_root
+from support import load_ruleset, private_firewalld, require_binary, require_root, run
 
 from bindscope.diagnose.fixes import closing_command, opening_command
 from bindscope.model import Firewall
@@ -72,10 +75,12 @@ CASES = [
     ("prerouting", "tcp", 4, H4, 22, ACCEPT, False, "policy accept"),
     ("prerouting", "udp", 4, H4, 53, UNKNOWN, False, "notrack"),
     ("prerouting", "tcp", 4, H4, 8080, ACCEPT, True, "dnat"),
-    ("firewalld", "tcp", 4, H4, 5000, ACCEPT, False, "tcp dport 5000 ct state { new, untracked }"),
-    ("firewalld", "tcp", 6, H6, 22, ACCEPT, False, "tcp dport 22 ct state { new, untracked }"),
-    ("firewalld", "tcp", 4, H4, 5432, ACCEPT, True, "ip saddr 10.0.0.0/8 tcp dport 5432"),
+    ("firewalld", "tcp", 4, H4, 5000, ACCEPT, False, "tcp dport 5000 accept"),
+    ("firewalld", "tcp", 6, H6, 22, ACCEPT, False, "tcp dport 22 accept"),
+    ("firewalld", "tcp", 4, H4, 5432, ACCEPT, True, "ip saddr 198.51.100.0/25 tcp dport 5432"),
     ("firewalld", "tcp", 4, H4, 8080, ACCEPT, True, "other sources or interfaces are dropped"),
+    # dhcpv6-client's rule is for fe80::/64 only: on eth0 (public) 546 is rejected
+    ("firewalld", "udp", 6, H6, 546, ACCEPT, True, "other sources or interfaces are dropped"),
     ("iptables_nft", "tcp", 4, H4, 8010, ACCEPT, False, "--dports 80,443,8000:8010 -j ACCEPT"),
     ("iptables_nft", "tcp", 4, H4, 5000, ACCEPT, False, "-A SERVICES -p tcp -m tcp --dport 5000"),
     ("iptables_nft", "udp", 4, H4, 5353, DROP, False, "policy drop"),
@@ -230,8 +235,12 @@ def test_read_failure_is_an_error_string(answer, error):
             "tcp",
             5000,
             "",
-            "firewall-cmd --permanent --zone=public --add-rich-rule='rule port "
-            'port="5000" protocol="tcp" drop\' && firewall-cmd --reload',
+            " && ".join(
+                f"firewall-cmd{p} --zone={z} --add-rich-rule='rule port "
+                'port="5000" protocol="tcp" drop\''
+                for z in ("public", "trusted")  # eth0 and eth1: closed in both zones
+                for p in ("", " --permanent")
+            ),
         ),
         (
             "inet_drop",
@@ -266,7 +275,7 @@ def test_commands(name, proto, port, opening, closing):
         (Decision(DROP, rule="policy drop"), "iptables -I INPUT -p udp --dport 53 -j ACCEPT"),
         (
             Decision(DROP, "firewalld", "filter_INPUT", family="inet", manager="firewalld"),
-            "firewall-cmd --permanent --add-port=53/udp && firewall-cmd --reload",
+            "firewall-cmd --add-port=53/udp && firewall-cmd --permanent --add-port=53/udp",
         ),
     ],
     ids=["no-table", "firewalld-default-zone"],
@@ -336,3 +345,89 @@ def test_a_named_namespace_without_legacy_tools_keeps_the_nft_ruleset():
     rs, err = read_ruleset("/run/netns/x", runner=runner)
     assert err == ""
     assert rs is not None and rs.chains
+
+
+def _host_firewalld_state() -> tuple:
+    """What a firewalld on the host would leave: its table in the host's ruleset, changes
+    under /etc/firewalld, its runtime directory and log file."""
+    tables = run("nft", "list", "tables").stdout
+    etc = Path("/etc/firewalld")
+    digest = hashlib.sha256()
+    for f in sorted(etc.rglob("*")) if etc.exists() else ():
+        digest.update(str(f).encode() + (f.read_bytes() if f.is_file() else b""))
+    return (
+        "firewalld" in tables,
+        digest.hexdigest(),
+        Path("/run/firewalld").exists(),
+        Path("/var/log/firewalld").exists(),
+    )
+
+
+@pytest.mark.root
+def test_a_private_firewalld_filters_its_namespace_only(two_hosts):
+    require_root()
+    require_binary("nft")
+    before = _host_firewalld_state()
+    with private_firewalld(two_hosts.server) as fw:
+        fw.cmd("--permanent", "--add-port=5000/tcp")  # written to its copy, not the host's
+        fw.cmd("--reload")
+        fw.cmd("--add-masquerade")  # sets ip_forward: the namespace's own sysctl
+        inside = two_hosts.exec(two_hosts.server, "nft", "list", "table", "inet", "firewalld")
+        assert "tcp dport 5000 accept" in inside.stdout
+        assert 'port="5000"' in (fw.dir / "etc-firewalld/zones/public.xml").read_text()
+        assert _host_firewalld_state() == before
+        private = fw.dir
+    assert not private.exists()
+    assert "firewalld" not in two_hosts.exec(two_hosts.server, "nft", "list", "tables").stdout
+    assert run("ip", "netns", "pids", two_hosts.server).stdout.split() == []
+    assert _host_firewalld_state() == before
+
+
+FIREWALLD_RECORDED = [
+    Path(__file__).parent / "fixtures" / "corpus" / "firewalld-public-trusted.nft",
+    FIX / "src" / "firewalld.nft",
+]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("path", FIREWALLD_RECORDED, ids=lambda p: p.parent.name + "/" + p.name)
+def test_recorded_firewalld_rulesets_are_what_firewalld_writes(path: Path):
+    """Each `# $ firewall-cmd ...` line of the header, run against a private firewalld in a
+    bare namespace, leaves exactly the recorded body in `nft list ruleset`.
+    BINDSCOPE_UPDATE_GOLDEN=1 records the body again (then run record.sh for the JSON)."""
+    require_root()
+    require_binary("ip", "nft")
+    lines = path.read_text().splitlines(keepends=True)
+    header = [line for line in lines if line.startswith("#")]
+    assert lines[: len(header)] == header, "the header comes first, the recorded text after"
+    commands = [
+        shlex.split(line.removeprefix("# $ firewall-cmd "))
+        for line in header
+        if line.startswith("# $ firewall-cmd ")
+    ]
+    assert commands
+    ns = f"bss-{os.getpid()}-rec"
+    run("ip", "netns", "add", ns)
+    try:
+        with private_firewalld(ns) as fw:
+            for args in commands:
+                fw.cmd(*args)
+            got = run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
+    finally:
+        run("ip", "netns", "del", ns, check=False)
+    if os.environ.get("BINDSCOPE_UPDATE_GOLDEN"):
+        path.write_text("".join(header) + got)
+    assert path.read_text().removeprefix("".join(header)) == got
+
+
+@pytest.mark.parametrize(
+    ("iface", "verdict", "chain", "rule"),
+    [
+        ("eth0", DROP, "filter_IN_public", "reject with icmpx admin-prohibited"),
+        ("eth1", ACCEPT, "filter_IN_trusted", "accept"),
+        ("eth9", DROP, "filter_IN_public", "reject with icmpx admin-prohibited"),  # default zone
+    ],
+)
+def test_firewalld_the_input_interfaces_zone_decides(iface, verdict, chain, rule):
+    d = evaluate(load("firewalld"), "tcp", 4, H4, 8080, interfaces=(iface,))
+    assert (d.verdict, d.chain, d.rule, d.restricted) == (verdict, chain, rule, False), d

@@ -1,5 +1,6 @@
 """Issue 11 end to end: a port dropped by the server namespace's firewall (nft, iptables,
-ufw), as the client namespace, the exporter and `bindscope diagnose` each see it.
+ufw, a private firewalld), as the client namespace, the exporter and `bindscope diagnose`
+each see it, and firewalld's fixes applied as printed.
 
 Every rule is written inside the test's server namespace only; the namespaces go away
 with the `two_hosts` fixture, and the rules with them.
@@ -20,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import TOOL, Metrics, TwoHosts, require_binary, ufw_script, wait_for
+from support import (
+    TOOL,
+    Firewalld,
+    Metrics,
+    TwoHosts,
+    private_firewalld,
+    require_binary,
+    ufw_script,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -28,7 +38,7 @@ SCAN_INTERVAL = 0.5
 EXPORTER_PORT = 9917
 APP_PORT = 7000
 DB_PORT = 5432
-S4 = TwoHosts.SERVER4
+S4, S6 = TwoHosts.SERVER4, TwoHosts.SERVER6
 TIMED_OUT = "TimeoutError: timed out"
 CONFIG = """\
 scan_interval: 500ms
@@ -43,9 +53,12 @@ services:
 # time, and killed by the fixture long before.
 LISTENER = """
 import socket, sys, time
-s = socket.socket()
+address = sys.argv[2] if len(sys.argv) > 2 else "0.0.0.0"
+s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
+if ":" in address:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too
+s.bind((address, int(sys.argv[1])))
 s.listen(64)
 s.settimeout(0.5)
 deadline = time.monotonic() + 120
@@ -64,6 +77,7 @@ class Server:
         self.hosts = hosts
         self.tmp = tmp
         self.procs: list[subprocess.Popen] = []
+        self.firewalld: Firewalld | None = None  # started by firewalld_drop, closed here
         self.exporter = start_exporter(
             CONFIG,
             ready=False,
@@ -75,14 +89,12 @@ class Server:
     def exec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.hosts.exec(self.hosts.server, *args, check=check)
 
-    def listen(self, port: int) -> None:
+    def listen(self, port: int, address: str = "0.0.0.0") -> None:
         script = self.tmp / "listener.py"  # a file, so diagnose shows a one-line command
         script.write_text(LISTENER)
+        argv = [sys.executable, str(script), str(port), address]
         self.procs.append(
-            subprocess.Popen(
-                [*self.hosts.prefix(self.hosts.server), sys.executable, str(script), str(port)],
-                start_new_session=True,
-            )
+            subprocess.Popen([*self.hosts.prefix(self.hosts.server), *argv], start_new_session=True)
         )
 
     def scrape(self) -> Metrics | None:
@@ -110,7 +122,7 @@ class Server:
 
         return self.wait(begun_after, what, SCAN_INTERVAL + 3.0)
 
-    def diagnose(self, port: int) -> tuple[int, str]:
+    def diagnose(self, port: int, *args: str) -> tuple[int, str]:
         r = subprocess.run(
             [
                 *self.hosts.prefix(self.hosts.server),
@@ -118,6 +130,7 @@ class Server:
                 "diagnose",
                 str(port),
                 f"--config.file={self.exporter.config_path}",
+                *args,
             ],
             capture_output=True,
             text=True,
@@ -127,6 +140,8 @@ class Server:
         return r.returncode, r.stdout + r.stderr
 
     def close(self) -> None:
+        if self.firewalld is not None:
+            self.firewalld.close()
         for proc in self.procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -155,6 +170,7 @@ class Drop:
     rule: str  # the deciding rule's text, as diagnose shows it
     opening: tuple[str, ...]  # the command diagnose names to open the port: one of these
     undo: Callable[[], object]
+    client: str = TIMED_OUT  # what the client's connect gets while dropped
 
 
 def nft_drop(srv: Server, port: int) -> Drop:
@@ -207,8 +223,31 @@ def ufw_drop(srv: Server, port: int) -> Drop:
     )
 
 
-WRITERS = [nft_drop, iptables_drop, ufw_drop]
-WRITER_IDS = ["nft-rule", "iptables-command", "ufw"]
+def firewalld_drop(srv: Server, port: int) -> Drop:
+    """A private firewalld from its defaults: zone public rejects the port. Undone by
+    running the opening command diagnose prints, as printed."""
+    require_binary("firewalld", "firewall-cmd", "dbus-daemon", "unshare")
+    fw = srv.firewalld = Firewalld(srv.hosts.server)
+    fw.start()
+    fw.cmd(f"--add-port={EXPORTER_PORT}/tcp")  # Prometheus, on the client, still scrapes
+    listed = srv.exec("nft", "-a", "list", "chain", "inet", "firewalld", "filter_IN_public")
+    handle = re.search(r"reject with icmpx admin-prohibited # handle (\d+)", listed.stdout)
+    assert handle, listed.stdout
+    opening = (
+        f"firewall-cmd --zone=public --add-port={port}/tcp && "
+        f"firewall-cmd --permanent --zone=public --add-port={port}/tcp"
+    )
+    return Drop(
+        rule=f"table inet firewalld, chain filter_IN_public, handle {handle.group(1)}: "
+        "`reject with icmpx admin-prohibited` (written by firewalld)",
+        opening=(opening,),
+        undo=lambda: fw.shell(opening),
+        client="OSError: [Errno 113] No route to host",  # its reject: admin-prohibited
+    )
+
+
+WRITERS = [nft_drop, iptables_drop, ufw_drop, firewalld_drop]
+WRITER_IDS = ["nft-rule", "iptables-command", "ufw", "firewalld"]
 
 
 def shown(m: Metrics, service: str, port: int) -> list[str]:
@@ -242,7 +281,7 @@ def test_dropped_for_other_hosts_is_blocked_until_the_rule_goes(server, write):
     drop = write(server, APP_PORT)
     m = server.wait(lambda m: m.status("app") == "blocked", "app blocked")
     client = hosts.connect(S4, APP_PORT, timeout=1.0)
-    assert client == TIMED_OUT
+    assert client == drop.client
     assert m.exposure("app") == "private"
     assert m.get("bindscope_service_effective_exposure", service="app", exposure="loopback") == 1
     fw = {"protocol": "tcp", "address": "0.0.0.0", "port": str(APP_PORT), "netns": "host"}
@@ -298,3 +337,58 @@ def test_database_protected_by_the_firewall_alone_is_ok_and_overexposed_without_
     ) in out
     assert f"$ nft insert rule inet e2e input iifname != lo tcp dport {DB_PORT} drop" in out
     print(f"server$ bindscope diagnose {DB_PORT}\n{out}")
+
+
+def test_the_firewalld_fix_applied_as_printed_closes_that_port_only(server):
+    """firewalld's runtime configuration as admins change it (no --permanent): the server's
+    interface moved to zone internal, ports opened there. The closing fix diagnose prints
+    is run literally against that firewalld; then only the declared-loopback port is
+    closed to other hosts, on both families, and loopback still gets in."""
+    hosts = server.hosts
+    server.listen(DB_PORT, "::")  # dual stack: the fix must cover both families
+    server.listen(APP_PORT, "::")
+    with private_firewalld(hosts.server) as fw:
+        fw.cmd("--zone=internal", f"--change-interface={hosts.server_device}")
+        for port in (EXPORTER_PORT, APP_PORT, DB_PORT):  # Prometheus, the app, the database
+            fw.cmd("--zone=internal", f"--add-port={port}/tcp")
+        db = {"protocol": "tcp", "address": "::", "port": str(DB_PORT), "netns": "host"}
+        m = server.wait(
+            lambda m: (
+                m.get("bindscope_listener_firewall_info", verdict="accept", **db) == 1
+                and m.status("db") == "overexposed"
+            ),
+            "db open to other hosts through firewalld",
+        )
+        assert {a: hosts.connect(a, DB_PORT, timeout=1.0) for a in (S4, S6)} == {
+            S4: "ok",
+            S6: "ok",
+        }
+        code, out = server.diagnose(DB_PORT, "--json")
+        assert code == 1, out
+        doc = json.loads(out)
+        fixes = [f for f in doc["fixes"] if f["kind"] == "firewall"]
+        assert len(fixes) == 1, doc["fixes"]
+        print(f"server$ bindscope diagnose {DB_PORT} --json  # firewall fix\n", fixes)
+        for command in fixes[0]["commands"]:
+            assert "--zone=internal" in command, command  # the interface's zone, not a guess
+            fw.shell(command)  # as printed, with the private bus in the environment
+
+        timed_out = {S4: TIMED_OUT, S6: TIMED_OUT}
+        assert {a: hosts.connect(a, DB_PORT, timeout=1.0) for a in (S4, S6)} == timed_out
+        assert {a: hosts.connect(a, APP_PORT, timeout=1.0) for a in (S4, S6)} == {
+            S4: "ok",
+            S6: "ok",
+        }
+        here = {a: hosts.connect(a, DB_PORT, ns=hosts.server) for a in ("127.0.0.1", "::1")}
+        assert here == {"127.0.0.1": "ok", "::1": "ok"}
+        m = server.wait_scan_after(time.time(), "a scan begun after the fix")
+        assert m.get("bindscope_listener_firewall_info", verdict="drop", **db) == 1
+        assert (m.status("db"), m.status("app")) == ("ok", "ok")
+        assert m.get("bindscope_service_effective_exposure", service="db", exposure="loopback")
+        # and it lasts: the permanent configuration has the rule too
+        kept = fw.cmd("--permanent", "--zone=internal", "--list-rich-rules").stdout
+        assert f'rule port port="{DB_PORT}" protocol="tcp" drop' in kept
+        code, out = server.diagnose(DB_PORT, "--json")
+        after = json.loads(out)
+        assert (code, after["result"]) == (0, "ok"), out
+        assert not [f for f in after["fixes"] if f["kind"] == "firewall"]

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from support import load_ruleset
 
 from bindscope.classify import exposure_of, host_address, scope_of
+from bindscope.diagnose.fixes import closing_command, opening_command
 from bindscope.diagnose.steps import BY_HAND, Case, diagnose, step_firewall
 from bindscope.model import (
     HOST_NETNS,
@@ -20,6 +23,7 @@ from bindscope.model import (
     Status,
     Verdict,
 )
+from bindscope.netfilter.ruleset import Decision
 
 H4, H6 = "198.51.100.1", "2001:db8::1"
 HOSTS = (
@@ -146,8 +150,9 @@ def case(
                 "(table inet firewalld, chain filter_IN_public_allow"
             ],
             [
-                "firewall-cmd --permanent --zone=public --add-rich-rule='rule port "
-                'port="5000" protocol="tcp" drop\' && firewall-cmd --reload'
+                'firewall-cmd --zone=public --add-rich-rule=\'rule port port="5000" '
+                'protocol="tcp" drop\' && firewall-cmd --permanent --zone=public '
+                '--add-rich-rule=\'rule port port="5000" protocol="tcp" drop\''
             ],
         ),
         (
@@ -293,3 +298,48 @@ def test_the_meaning_step_agrees_with_the_firewall(firewall, effective, reach, s
     (meaning,) = [f for f in diagnose(c).findings if f.step == "meaning"]
     assert f"A client can connect from {reach}" in meaning.lines[1]
     assert said in meaning.lines[2]
+
+
+def test_firewalld_closes_in_every_zone_that_lets_hosts_in():
+    # the recorded ruleset: eth0 in zone public (which allows 5000/tcp), eth1 in trusted
+    hosts = (*HOSTS, host_address("eth1", "198.51.100.129", 4))
+    rulesets = {HOST_NETNS: (load("firewalld"), "")}
+    c = case([listener("0.0.0.0", 5000)], Status.OVEREXPOSED, Exposure.LOOPBACK, rulesets)
+    c = dataclasses.replace(c, addresses=hosts)
+    rule = '--add-rich-rule=\'rule port port="5000" protocol="tcp" drop\''
+    assert [cmd for fix in step_firewall(c).fixes for cmd in fix.commands] == [
+        f"firewall-cmd --zone={z} {rule} && firewall-cmd --permanent --zone={z} {rule}"
+        for z in ("public", "trusted")
+    ]
+
+
+RICH = '--add-rich-rule=\'rule port port="6379" protocol="tcp" drop\''
+
+
+@pytest.mark.parametrize(
+    ("chains", "where"),
+    [
+        ((("inet", "firewalld", "filter_IN_public_allow"),), " --zone=public"),
+        ((("inet", "firewalld", "filter_IN_trusted"),), " --zone=trusted"),
+        # zone names may hold `_`: only firewalld's own suffix is taken off
+        ((("inet", "firewalld", "filter_IN_my_zone_allow"),), " --zone=my_zone"),
+        ((("inet", "firewalld", "filter_IN_policy_web-in_allow"),), " --policy=web-in"),
+        # accepted by another table before firewalld's: the default zone
+        ((("inet", "filter", "input"),), ""),
+    ],
+    ids=["zone-allow", "zone-target", "underscore", "policy", "not-firewalld"],
+)
+def test_firewalld_fix_names_the_zone_or_policy_of_the_accepting_chain(chains, where):
+    d = Decision(Firewall.ACCEPT, "firewalld", chains[0][2], family="inet",
+                 manager="firewalld", accepted_in=chains)  # fmt: skip
+    assert closing_command(d, "tcp", 6379) == (
+        f"firewall-cmd{where} {RICH} && firewall-cmd --permanent{where} {RICH}"
+    )
+
+
+def test_firewalld_opens_in_the_zone_that_rejected_without_a_reload():
+    d = Decision(Firewall.DROP, "firewalld", "filter_IN_drop", family="inet", manager="firewalld")
+    assert opening_command(d, "tcp", 5000) == (
+        "firewall-cmd --zone=drop --add-port=5000/tcp && "
+        "firewall-cmd --permanent --zone=drop --add-port=5000/tcp"
+    )

@@ -47,20 +47,65 @@ def opening_command(decision: Decision, protocol: str, port: int, family: int = 
     """A command that lets other hosts in, for a DROP decision; "" otherwise."""
     if decision.verdict is not Firewall.DROP:
         return ""
-    return _command(decision, protocol, port, allow=True, family=family)
+    return " && ".join(_commands(decision, protocol, port, allow=True, family=family))
 
 
 def closing_command(decision: Decision, protocol: str, port: int, family: int = 4) -> str:
     """A command that keeps other hosts out and loopback working, for an ACCEPT decision."""
     if decision.verdict is not Firewall.ACCEPT:
         return ""
-    return _command(decision, protocol, port, allow=False, family=family)
+    return " && ".join(_commands(decision, protocol, port, allow=False, family=family))
 
 
 def _by_iptables(d: Decision) -> bool:
     # iptables-nft writes tables nft shows as plain `ip filter` with upper-case chains;
     # nft itself warns against editing those, so the fix goes through iptables
     return d.family in ("ip", "ip6") and d.table == "filter" and d.chain.isupper()
+
+
+_FIREWALLD_SUFFIXES = ("_pre", "_log", "_deny", "_allow", "_post")
+
+
+def _firewalld_where(chain: str) -> str | None:
+    """The firewall-cmd option naming the zone or policy whose chain this is (firewalld
+    names them filter_IN_ZONE[_allow...] and filter_IN_policy_POLICY[_allow...]; a name
+    may hold `_` itself); "" for its own base chains (the default zone); None when the
+    chain is not one of its input chains."""
+    if not chain.startswith("filter_IN_"):
+        return "" if chain.startswith("filter_INPUT") else None
+    name = chain.removeprefix("filter_IN_")
+    for suffix in _FIREWALLD_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name.removesuffix(suffix)
+            break
+    if name.startswith("policy_"):
+        return " --policy=" + name.removeprefix("policy_")
+    return " --zone=" + name
+
+
+def _firewalld(d: Decision, protocol: str, port: int, allow: bool) -> tuple[str, ...]:
+    """firewall-cmd for each zone (or policy) that decides: the runtime change first, so
+    it holds at once without a --reload (which would drop every other runtime-only change,
+    interfaces moved to a zone included), then the same in the permanent configuration."""
+    if allow:
+        # the zone that dropped it: one is enough to let hosts in
+        where = [_firewalld_where(d.chain) or ""]
+        change = f"--add-port={port}/{protocol}"
+    else:
+        # every zone it is accepted in (an interface or source each): closing one alone
+        # would leave the others open
+        chains = [c for _, table, c in d.accepted_in if table == "firewalld"] or [d.chain]
+        where = list(dict.fromkeys(_firewalld_where(c) or "" for c in chains))
+        # a rich rule of no family covers both; firewalld accepts lo before any zone
+        change = f'--add-rich-rule=\'rule port port="{port}" protocol="{protocol}" drop\''
+    return tuple(f"firewall-cmd{w} {change} && firewall-cmd --permanent{w} {change}" for w in where)
+
+
+def _commands(d: Decision, protocol: str, port: int, allow: bool, family: int) -> tuple[str, ...]:
+    if d.manager == "firewalld":
+        return _firewalld(d, protocol, port, allow)
+    cmd = _command(d, protocol, port, allow, family)
+    return (cmd,) if cmd else ()
 
 
 def _command(d: Decision, protocol: str, port: int, allow: bool, family: int) -> str:
@@ -70,16 +115,6 @@ def _command(d: Decision, protocol: str, port: int, allow: bool, family: int) ->
         # ufw's own rules accept lo before any user rule; ahead of an explicit allow
         where = "insert 1 " if d.chain.startswith(("ufw-user-", "ufw6-user-")) else ""
         return f"ufw {where}deny {port}/{protocol}"
-    if d.manager == "firewalld":
-        zone = ""
-        if d.chain.startswith("filter_IN_"):
-            zone = " --zone=" + d.chain.removeprefix("filter_IN_").split("_")[0]
-        if allow:
-            change = f"--add-port={port}/{protocol}"
-        else:
-            # a rich rule of no family covers both; firewalld accepts lo before any zone
-            change = f'--add-rich-rule=\'rule port port="{port}" protocol="{protocol}" drop\''
-        return f"firewall-cmd --permanent{zone} {change} && firewall-cmd --reload"
     target = "ACCEPT" if allow else "DROP"
     lo = "" if allow else "! -i lo "
     # no table to point at: iptables' INPUT, as before nft existed (closing goes through
@@ -130,16 +165,15 @@ def firewall_fix(
     commands: list[str] = []
     unfiltered: list[int] = []  # families with no input chain to put the rule in
     wanted = Firewall.DROP if allow else Firewall.ACCEPT
-    change = opening_command if allow else closing_command
     for family, d in decisions:
         if d.verdict is not wanted:
             continue
-        cmd = change(d, protocol, port, family)
-        if not cmd and not allow and _tool(ruleset) == "iptables":
+        cmds = list(_commands(d, protocol, port, allow, family))
+        if not cmds and not allow and _tool(ruleset) == "iptables":
             tool = "ip6tables" if family == 6 else "iptables"
-            cmd = f"{tool} -I INPUT ! -i lo -p {protocol} --dport {port} -j DROP"
-        if cmd:
-            commands.append(cmd)
+            cmds = [f"{tool} -I INPUT ! -i lo -p {protocol} --dport {port} -j DROP"]
+        if cmds:
+            commands += cmds
         elif not allow:
             unfiltered.append(family)
     if unfiltered:

@@ -126,6 +126,7 @@ class _Outcome:
     rule: Rule | None = None
     text: str = ""
     reason: str = ""
+    via: tuple[Chain, ...] = ()  # on an accept: each chain whose rule accepted, base by base
 
 
 class _Unsupported(Exception):
@@ -238,6 +239,7 @@ def _decide(ruleset: Ruleset, outcomes: list[_Outcome]) -> Decision:
         restricted = False
         reason = chosen.reason
     c, r = chosen.chain, chosen.rule
+    accepted_in = dict.fromkeys((v.family, v.table, v.name) for o in accepted for v in o.via)
     return Decision(
         verdict=chosen.verdict,
         table=c.table if c else "",
@@ -249,6 +251,7 @@ def _decide(ruleset: Ruleset, outcomes: list[_Outcome]) -> Decision:
         reason=reason,
         backend=c.backend if c else "",
         manager=ruleset.manager,
+        accepted_in=tuple(accepted_in),
     )
 
 
@@ -272,6 +275,7 @@ def _base_chains(ruleset: Ruleset, family: int) -> list[Chain]:
 def _walk(ruleset: Ruleset, pkt: _Packet) -> _Outcome | _Fork:
     """Every base chain in hook and priority order; drop is final, accept goes on."""
     first_accept: _Outcome | None = None
+    via: list[Chain] = []  # every base chain's accepting rule's chain, for fixes
     last_policy: _Outcome | None = None
     pending: _Outcome | None = None  # an unknown that a later definite drop overrides
     for chain in _base_chains(ruleset, pkt.family):
@@ -295,12 +299,14 @@ def _walk(ruleset: Ruleset, pkt: _Packet) -> _Outcome | _Fork:
             pending = pending or result
         elif result.rule is not None and chain.type == "filter":
             first_accept = first_accept or result
+            if result.chain is not None:
+                via.append(result.chain)
         elif chain.type == "filter":
             last_policy = result
     if pending:
         return pending
     if first_accept:
-        return first_accept
+        return dataclasses.replace(first_accept, via=tuple(via))
     return last_policy or _Outcome(Firewall.ACCEPT, text="no filter")
 
 
@@ -359,6 +365,10 @@ def _policy(chain: Chain) -> _Outcome:
 
 
 _NOOP_STMTS = {"counter", "log", "comment", "masquerade", "snat"}
+# Objects attached to the connection (firewalld's samba-client, ftp, tftp services assign
+# a helper ahead of their accept): they act on later, related packets, never on whether
+# this NEW one gets in.
+_CT_OBJECT_STMTS = {"ct helper", "ct timeout", "ct expectation"}
 _MATCHLIKE_STMTS = {"limit", "quota", "meter", "set", "xt", "synproxy", "flow"}
 
 
@@ -379,7 +389,11 @@ def _rule_effect(
                 forks.append(r)
             elif isinstance(r, _Unknown):
                 unknowns.append(r.reason)
-        elif key in _NOOP_STMTS or (key == "mangle" and _is_mark(v.get("key"))):
+        elif (
+            key in _NOOP_STMTS
+            or key in _CT_OBJECT_STMTS
+            or (key == "mangle" and _is_mark(v.get("key")))
+        ):
             continue
         elif key == "xt" and v.get("type") == "target":
             if v.get("name") == "REJECT":

@@ -160,6 +160,8 @@ def _render_stmt(e: Any) -> str:
         return f"{key} to {to}"
     if key == "mangle":
         return f"{_render_value(v['key'])} set {_render_value(v['value'])}"
+    if key in ("ct helper", "ct timeout", "ct expectation") and isinstance(v, str):
+        return f'{key} set "{v}"'
     if v is None:
         return key
     return json.dumps(e, separators=(",", ":"))

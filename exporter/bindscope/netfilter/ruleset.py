@@ -23,6 +23,9 @@ class Decision:
     reason: str = ""  # why UNKNOWN, or what restricts an ACCEPT
     backend: str = ""  # nft, iptables-nft or iptables-legacy
     manager: str = ""  # ufw, firewalld, or "" when rules are written by hand
+    # (family, table, chain) of every rule that accepts on some path, in order: where a
+    # port is let in through several zones (interfaces, sources), each of them
+    accepted_in: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
