@@ -55,7 +55,7 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 IMAGE_UID = 65532
 # Capability bits (linux/capability.h) of what docs/install.md grants, per feature.
 ATTRIBUTION = {"SYS_PTRACE": 19, "DAC_READ_SEARCH": 2}
-EVERY_FEATURE = ATTRIBUTION | {"SYS_ADMIN": 21, "NET_ADMIN": 12}
+EVERY_FEATURE = ATTRIBUTION | {"SYS_ADMIN": 21, "NET_ADMIN": 12, "NET_RAW": 13}
 NETNS_ADDRESS = "198.51.100.1"
 NAME_PREFIX = f"bindscope-test-{os.getpid()}-image"
 NETNS = f"bsi-{os.getpid()}"
@@ -182,8 +182,12 @@ def _remove_leftovers() -> None:
 class Scene:
     """A listener on the host and one in a named namespace whose firewall drops its port."""
 
-    def __init__(self, host: subprocess.Popen, host_port: int, ns: subprocess.Popen, ns_port: int):
+    def __init__(
+        self, host: subprocess.Popen, host_port: int, ns: subprocess.Popen, ns_port: int,
+        legacy_port: int,
+    ) -> None:  # fmt: skip
         self.host, self.host_port, self.ns, self.ns_port = host, host_port, ns, ns_port
+        self.legacy_port = legacy_port  # dropped by a legacy iptables table, not nftables
 
     @staticmethod
     def comm(proc: subprocess.Popen) -> str:
@@ -218,7 +222,13 @@ def scene(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scen
             "}\n"
         )
         run("ip", "netns", "exec", NETNS, "nft", "-f", str(ruleset))
-        yield Scene(host, host_port, inside, ns_port)
+        # legacy tables beside nftables, as on a host an old tool still writes: reading
+        # them takes a raw socket (CAP_NET_RAW), which the documented set must grant
+        legacy, legacy_port = _listener(["ip", "netns", "exec", NETNS])
+        procs.append(legacy)
+        run("ip", "netns", "exec", NETNS, "iptables-legacy", "-A", "INPUT", "-p", "tcp",
+            "--dport", str(legacy_port), "-j", "DROP")  # fmt: skip
+        yield Scene(host, host_port, inside, ns_port, legacy_port)
     finally:
         for proc in procs:
             proc.kill()
@@ -296,7 +306,7 @@ def _wait_scan(running: Running, scene: Scene) -> Metrics:
         with contextlib.suppress(OSError):
             m = _scrape(running.port)
             ports = {s.labels["port"] for s in m.all("bindscope_listener_info")}
-            if {str(scene.host_port), str(scene.ns_port)} <= ports:
+            if {str(scene.host_port), str(scene.ns_port), str(scene.legacy_port)} <= ports:
                 return m
         return None
 
@@ -335,6 +345,7 @@ def test_every_feature_with_the_documented_capabilities(exporter_image, scene: S
     assert [s.labels["process"] for s in inside] == [Scene.comm(scene.ns)]
     # nft in the image reads both namespaces' rulesets
     assert _verdict(m, NETNS, scene.ns_port) == "drop"
+    assert _verdict(m, NETNS, scene.legacy_port) == "drop"
     assert _verdict(m, "host", scene.host_port) in ("accept", "drop")
     for source in ("firewall", "nat"):
         assert m.get("bindscope_scan_errors_total", source=source) == 0, running.logs()
@@ -356,6 +367,17 @@ def test_without_net_admin_the_verdict_is_unknown(exporter_image, scene: Scene) 
     host = m.all("bindscope_listener_info", netns="host", port=str(scene.host_port))
     assert [s.labels["process"] for s in host] == [Scene.comm(scene.host)]
     assert _verdict(m, "host", scene.host_port) == "unknown"
+
+
+def test_without_net_raw_legacy_tables_are_unknown_and_counted(exporter_image, scene) -> None:
+    caps = [c for c in EVERY_FEATURE if c != "NET_RAW"]
+    running = exporter_image("no-net-raw", caps)
+    m = _wait_scan(running, scene)
+    # what the unread tables do (a DNAT ahead of nftables' drop, say) is not known: every
+    # verdict of that namespace is unknown, never half a ruleset's answer
+    assert _verdict(m, NETNS, scene.ns_port) == "unknown"
+    assert _verdict(m, NETNS, scene.legacy_port) == "unknown"
+    assert m.get("bindscope_scan_errors_total", source="firewall") >= 1
 
 
 def test_daemonset_command_drops_to_non_root_in_the_image(exporter_image, scene: Scene) -> None:
