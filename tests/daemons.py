@@ -46,6 +46,15 @@ class Daemon:
     line: Callable[[Path], int]  # the line of the wrong setting in that file
     client_after: str  # what the client namespace gets after the fix: "ok" or REFUSED
     loopback: tuple[str, ...] = ("127.0.0.1",)  # loopback addresses that must accept
+    # a request it answers over UDP too: the service is declared for UDP as well, and the
+    # datagram is sent where the TCP connects go
+    datagram: bytes = b""
+    fixes: int = 1  # config fixes: one per line that sets where it listens
+    id: str = ""  # the test's id, where the binary's name alone repeats
+
+    @property
+    def test_id(self) -> str:
+        return self.id or self.binary.rsplit("/")[-1]
 
 
 def _edit(path: Path, pattern: str, replacement: str) -> None:
@@ -342,7 +351,17 @@ APACHE = Daemon(
     client_after="ok",
 )
 
-DAEMONS = [REDIS, NGINX, POSTGRES, MARIADB, MEMCACHED, MOSQUITTO, HAPROXY, APACHE]
+
+DAEMONS = [
+    REDIS,
+    NGINX,
+    POSTGRES,
+    MARIADB,
+    MEMCACHED,
+    MOSQUITTO,
+    HAPROXY,
+    APACHE,
+]
 
 
 class Running:
@@ -428,10 +447,13 @@ def running_fixture(two_hosts: TwoHosts, shared_dir: Path, request) -> Iterator[
     require_binary(daemon.binary, "unshare", "nsenter", "setpriv")
     daemon.setup(workdir)
     r = Running(two_hosts, daemon, workdir)
-    (workdir / "bindscope.yml").write_text(
-        "probe:\n  timeout: 500ms\nservices:\n"
-        f"  - {{name: {daemon.name}, port: {daemon.port}, expose: {daemon.expose}}}\n"
-    )
+    services = f"  - {{name: {daemon.name}, port: {daemon.port}, expose: {daemon.expose}}}\n"
+    if daemon.datagram:
+        services += (
+            f"  - {{name: {daemon.name}-udp, port: {daemon.port}, protocol: udp, "
+            f"expose: {daemon.expose}}}\n"
+        )
+    (workdir / "bindscope.yml").write_text("probe:\n  timeout: 500ms\nservices:\n" + services)
     try:
         r.start()
         yield r
@@ -450,7 +472,9 @@ def tool(r: Running, *args: str) -> tuple[int, str]:
 
 
 def status(r: Running) -> str:
-    return json.loads(tool(r, "scan", "--json")[1])["services"][0]["status"]
+    """The services' status: one word when they agree (a UDP twin's too), else each."""
+    found = {s["status"] for s in json.loads(tool(r, "scan", "--json")[1])["services"]}
+    return ",".join(sorted(found))
 
 
 def diagnose(r: Running) -> dict:
@@ -460,11 +484,38 @@ def diagnose(r: Running) -> dict:
     return doc
 
 
-def loopback(r: Running, address: str) -> str:
-    code = f"import socket;socket.create_connection(({address!r},{r.daemon.port}),2).close()"
-    p = r.hosts.exec(r.hosts.server, sys.executable, "-c", code, check=False)
+def _datagram(r: Running, ns: str, address: str) -> str:
+    """The daemon's request over UDP from namespace `ns`: 'ok' when an answer comes."""
+    family = "AF_INET6" if ":" in address else "AF_INET"
+    code = (
+        "import socket\n"
+        f"s=socket.socket(socket.{family},socket.SOCK_DGRAM)\n"
+        "s.settimeout(2)\n"
+        f"s.connect(({address!r},{r.daemon.port}))\n"
+        f"s.send(bytes.fromhex({r.daemon.datagram.hex()!r}))\n"
+        "s.recv(4096)\n"
+    )
+    p = r.hosts.exec(ns, sys.executable, "-c", code, check=False)
     return "ok" if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
 
 
+def _both(r: Running, ns: str, address: str, tcp: str) -> str:
+    """TCP's word, or for a daemon that answers over UDP too, one word when both agree."""
+    if not r.daemon.datagram:
+        return tcp
+    udp = _datagram(r, ns, address)
+    return tcp if udp == tcp else f"tcp: {tcp}; udp: {udp}"
+
+
+def loopback(r: Running, address: str) -> str:
+    code = f"import socket;socket.create_connection(({address!r},{r.daemon.port}),2).close()"
+    p = r.hosts.exec(r.hosts.server, sys.executable, "-c", code, check=False)
+    tcp = "ok" if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
+    return _both(r, r.hosts.server, address, tcp)
+
+
 def clients(r: Running) -> dict[str, str]:
-    return {a: r.hosts.connect(a, r.daemon.port) for a in (TwoHosts.SERVER4, TwoHosts.SERVER6)}
+    return {
+        a: _both(r, r.hosts.client, a, r.hosts.connect(a, r.daemon.port))
+        for a in (TwoHosts.SERVER4, TwoHosts.SERVER6)
+    }
