@@ -352,6 +352,79 @@ APACHE = Daemon(
 )
 
 
+# --- OpenSSH: Debian's two commented ListenAddress lines uncommented, declared loopback ---
+
+
+def _sshd_copy(tmp: Path) -> Path:
+    ssh = tmp / "etc/ssh"
+    ssh.mkdir(parents=True)
+    # the package's config, not the host's keys: the copy gets host keys of its own
+    for name in ("sshd_config", "moduli"):
+        shutil.copy2(f"/etc/ssh/{name}", ssh / name)
+    shutil.copytree("/etc/ssh/sshd_config.d", ssh / "sshd_config.d", symlinks=True)
+    run("ssh-keygen", "-A", "-f", str(tmp))  # writes tmp/etc/ssh/ssh_host_*_key
+    return ssh
+
+
+def sshd_setup(tmp: Path) -> None:
+    conf = _sshd_copy(tmp) / "sshd_config"
+    # "listen on both families, explicitly": the lines Debian ships commented out
+    _edit(conf, r"^#ListenAddress 0\.0\.0\.0$", "ListenAddress 0.0.0.0")
+    _edit(conf, r"^#ListenAddress ::$", "ListenAddress ::")
+
+
+# its privilege separation directory (the unit's RuntimeDirectory) on a tmpfs of the private
+# mount namespace, never the host's /run; by absolute path, as sshd re-executes itself
+SSHD_COMMAND = "mount -t tmpfs tmpfs /run && mkdir -m 0755 /run/sshd && exec /usr/sbin/sshd -D -e"
+
+SSHD = Daemon(
+    name="ssh",
+    port=22,
+    expose="loopback",
+    binary="sshd",
+    mounts=("/etc/ssh",),
+    setup=sshd_setup,
+    command=lambda tmp: SSHD_COMMAND,
+    wrong="overexposed",
+    file="/etc/ssh/sshd_config",
+    line=lambda tmp: _line_of(tmp / "etc/ssh/sshd_config", r"^ListenAddress "),
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+    fixes=2,
+)
+
+
+# --- OpenSSH: `ListenAddress 127.0.0.1` in a drop-in of sshd_config.d, declared private ---
+
+SSHD_DROP_IN = "/etc/ssh/sshd_config.d/tunnels-only.conf"
+
+
+def sshd_local_setup(tmp: Path) -> None:
+    # once for tunnels alone; now the bastion on the private network must get in
+    ssh = _sshd_copy(tmp)
+    (tmp / SSHD_DROP_IN.lstrip("/")).write_text(
+        "# ssh through tunnels only\nListenAddress 127.0.0.1\n"
+    )
+    assert (ssh / "sshd_config.d").is_dir()
+
+
+SSHD_LOCAL = Daemon(
+    name="ssh",
+    port=22,
+    expose="private",
+    binary="sshd",
+    mounts=("/etc/ssh",),
+    setup=sshd_local_setup,
+    command=lambda tmp: SSHD_COMMAND,
+    wrong="loopback_only",
+    file=SSHD_DROP_IN,
+    line=lambda tmp: 2,
+    client_after="ok",
+    loopback=("127.0.0.1", "::1"),
+    id="sshd-drop-in",
+)
+
+
 DAEMONS = [
     REDIS,
     NGINX,
@@ -361,6 +434,8 @@ DAEMONS = [
     MOSQUITTO,
     HAPROXY,
     APACHE,
+    SSHD,
+    SSHD_LOCAL,
 ]
 
 

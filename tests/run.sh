@@ -36,6 +36,7 @@ if [ "$(id -u)" = 0 ]; then
     command -v mosquitto >/dev/null || daemons+=(mosquitto)
     command -v haproxy >/dev/null || daemons+=(haproxy)
     command -v apache2 >/dev/null || daemons+=(apache2)
+    command -v sshd >/dev/null || daemons+=(openssh-server)
     if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ]; then
         apt-get update -qq
     fi
@@ -65,6 +66,7 @@ if [ "$(id -u)" = 0 ]; then
                     chromium) continue ;;
                     mariadb-server) unit=mariadb ;;
                     postgresql-15) unit=postgresql ;;
+                    openssh-server) unit=ssh ;;
                     *) unit=$pkg ;;
                 esac
                 systemctl disable --now "$unit" 2>/dev/null || true

@@ -3,6 +3,7 @@ line, the address to bind, and the firewall commands that open or close a port."
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from collections.abc import Sequence
@@ -394,16 +395,7 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
             host,
         )
     if kind == "sshd":
-        value = "0.0.0.0" if _wide(host) else host
-        return _directive(
-            c,
-            "ListenAddress",
-            value,
-            "sshd",
-            "`sshd -t` and restart ssh",
-            "/etc/ssh/sshd_config",
-            host,
-        )
+        return _sshd(c, port, host)
     if kind == "epmd":
         value = "127.0.0.1,::1" if host == "127.0.0.1" else host
         if c.settings:
@@ -469,6 +461,111 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
             )
         ]
     return None
+
+
+# --- sshd: ListenAddress lines add up; sshd's IPv6 sockets are always v6only ---
+
+SSHD_RESTART = "`sshd -t` and restart ssh"
+
+
+def _sshd_split(value: str) -> tuple[str, str]:
+    """A ListenAddress value's address and port ("" when it names none)."""
+    if value.startswith("["):
+        address, _, rest = value[1:].partition("]")
+        return address, rest.removeprefix(":")
+    if value.count(":") == 1:
+        address, port = value.split(":")
+        return address, port
+    return value, ""
+
+
+def _sshd_join(address: str, port: str) -> str:
+    if not port:
+        return address
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def sshd_value(value: str, host: str) -> str:
+    """A ListenAddress value moved to `host`, keeping its port; to loopback or to every
+    address in its own family (`::` -> `::1`), so each family's clients keep working."""
+    address, port = _sshd_split(value)
+    six = ":" in address
+    if host == "127.0.0.1":
+        new = "::1" if six else "127.0.0.1"
+    elif _wide(host):
+        new = "::" if six else "0.0.0.0"
+    else:
+        new = host
+    return _sshd_join(new, port)
+
+
+def _sshd(c: Culprit, port: int, host: str) -> list[Fix]:
+    where = "every address" if _wide(host) else host
+    located = [s for s in c.settings if s.line]
+    if not located:
+        # none: sshd listens on every address of both families; narrowed, on both loopbacks
+        values = ["127.0.0.1", "::1"] if host == "127.0.0.1" else [host]
+        if not c.settings:
+            return [
+                Fix(
+                    "config",
+                    f"`ListenAddress {values[0]}` in /etc/ssh/sshd_config, then {SSHD_RESTART}",
+                    setting=f"ListenAddress {values[0]}",
+                )
+            ]
+        s = c.settings[0]
+        lines = [f"ListenAddress {v}" for v in values]
+        fix = _edit(s, lines[0], f"make sshd listen on {' and '.join(values)}", SSHD_RESTART)
+        if len(lines) == 1:
+            return [fix]
+        said = " and ".join(f"`{line}`" for line in lines)
+        script = ("1i " if s.first else "$a ") + "\\n".join(lines)
+        return [
+            dataclasses.replace(
+                fix,
+                summary=fix.summary.replace(f"`{lines[0]}`", said, 1),
+                commands=(f"sed -i {shlex.quote(script)} {shlex.quote(s.file)}",),
+            )
+        ]
+    fixes: list[Fix] = []
+    seen: set[str] = set()
+    for s in located:
+        value = sshd_value(s.value, host)
+        rest = re.sub(r"^\s*ListenAddress\s+\S+", "", s.text.split("#", 1)[0], flags=re.I).rstrip()
+        if value in seen:
+            # a second line for the same address: sshd would fail to bind it again
+            old = s.text.strip()
+            fixes.append(
+                Fix(
+                    "config",
+                    f"comment out `{old}` in {s.file} line {s.line}: another line makes "
+                    f"sshd listen on {value} already",
+                    file=s.file,
+                    line=s.line,
+                    setting=_indent(s.text) + "#" + old,
+                    commands=(_sed_line(s.file, s.line, _indent(s.text) + "#" + old),),
+                )
+            )
+            continue
+        seen.add(value)
+        on = where if _wide(host) else _sshd_split(value)[0]
+        fixes.append(
+            _edit(s, f"ListenAddress {value}{rest}", f"make sshd listen on {on}", SSHD_RESTART)
+        )
+    sixes = {":" in _sshd_split(s.value)[0] for s in located}
+    if _wide(host) and len(sixes) == 1:
+        # every address of the other family too (on its port), on a line after the last one
+        last = located[-1]
+        extra = "ListenAddress " + _sshd_join("0.0.0.0" if True in sixes else "::",
+                                              _sshd_split(last.value)[1])  # fmt: skip
+        i = next(n for n, f in enumerate(fixes) if (f.file, f.line) == (last.file, last.line))
+        f = fixes[i]
+        fixes[i] = dataclasses.replace(
+            f,
+            summary=f.summary.replace(", then ", f" and `{extra}` after it, then ", 1),
+            commands=(*f.commands, _sed_after(last.file, last.line, _indent(last.text) + extra)),
+        )
+    return fixes
 
 
 def bind_change(culprit: Culprit | None, port: int, host: str) -> list[Fix]:

@@ -344,14 +344,29 @@ def mosquitto(files: Files, path: str, port: int) -> tuple[Setting, ...]:
     return found or ((Setting(path, 0, ""),) if files.read(path) is not None else ())
 
 
+def sshd_port(value: str, default: int) -> int | None:
+    """The port of a ListenAddress value: `host:port` or `[v6]:port`; a bare IPv6 address
+    (`::`, `::1`: more than one colon, no brackets) names none, so sshd's Port applies."""
+    if value.startswith("["):
+        tail = value.rsplit("]", 1)[-1]
+        if not tail:
+            return default
+        return int(tail[1:]) if tail.startswith(":") and tail[1:].isdigit() else None
+    if value.count(":") == 1:
+        port = value.split(":", 1)[1]
+        return int(port) if port.isdigit() else None
+    return default
+
+
 def sshd(files: Files, path: str, port: int) -> tuple[Setting, ...]:
+    """Every `ListenAddress` for the port in sshd_config and its `Include`s: they add up."""
     found = _directives(
         files,
         path,
         re.compile(r"^Include\s+(.+)$", re.I),
         re.compile(r"^ListenAddress\s+(\S+)", re.I),
         port,
-        lambda v: _host_port(v, port),
+        lambda v: sshd_port(v, port),
     )
     return found or ((Setting(path, 0, "", first=True),) if files.read(path) is not None else ())
 

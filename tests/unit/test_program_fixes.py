@@ -1,0 +1,130 @@
+"""The bind fixes of sshd (pure): where each sets its listen address in
+the package's own files (Debian's layout), and the edit that moves it, for both families."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import pytest
+
+from bindscope.diagnose.fixes import Fix, bind_change, sshd_value
+from bindscope.diagnose.programs import Culprit, recognize
+from bindscope.diagnose.settings import Files, locate, sshd_port
+from bindscope.model import ProcessInfo
+
+
+def files(tree: dict[str, str]) -> Files:
+    return Files(
+        read=tree.get,
+        listing=lambda pattern: sorted(p for p in tree if fnmatch.fnmatch(p, pattern)),
+    )
+
+
+def proc(*argv: str, name: str = "") -> ProcessInfo:
+    return ProcessInfo(pid=7, name=name or argv[0].rsplit("/", 1)[-1], cmdline=argv)
+
+
+def culprit(process: ProcessInfo, tree: dict[str, str], port: int) -> Culprit:
+    c = recognize(process, None, port)
+    assert c is not None
+    return Culprit(c.kind, c.label, c.evidence, settings=locate(c.kind, process, port, files(tree)))
+
+
+def config(fixes: list[Fix]) -> list[tuple[str, int, str, tuple[str, ...]]]:
+    return [(f.file, f.line, f.setting, f.commands) for f in fixes]
+
+
+# --- sshd ---
+
+SSHD = proc("sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups", name="sshd")
+CONF = "/etc/ssh/sshd_config"
+# Debian's sshd_config, shortened: the Include first, the defaults commented out
+DEBIAN_SSHD = (
+    "Include /etc/ssh/sshd_config.d/*.conf\n"
+    "\n"
+    "#Port 22\n"
+    "#AddressFamily any\n"
+    "#ListenAddress 0.0.0.0\n"
+    "#ListenAddress ::\n"
+    "\n"
+    "UsePAM yes\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "port"),
+    [("0.0.0.0", 22), ("0.0.0.0:2222", 2222), ("::", 22), ("::1", 22), ("2001:db8::1", 22),
+     ("[::1]:2222", 2222), ("[::1]", 22), ("host.example:x", None)],
+)  # fmt: skip
+def test_a_bare_ipv6_listen_address_names_no_port(value: str, port: int | None):
+    # sshd: IPv6 with a port goes in brackets; `::1` is an address, not `:` and port 1
+    assert sshd_port(value, 22) == port
+
+
+def test_sshd_finds_every_listen_address_past_commented_defaults_and_in_drop_ins():
+    tree = {
+        CONF: DEBIAN_SSHD.replace("#ListenAddress ::\n", "ListenAddress ::\n"),
+        "/etc/ssh/sshd_config.d/local.conf": (
+            "# ours\nListenAddress ::1\nListenAddress 0.0.0.0:2222\n"
+        ),
+    }
+    found = locate("sshd", SSHD, 22, files(tree))
+    assert [(s.file, s.line, s.value) for s in found] == [
+        ("/etc/ssh/sshd_config.d/local.conf", 2, "::1"),
+        (CONF, 6, "::"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "host", "moved"),
+    [("0.0.0.0", "127.0.0.1", "127.0.0.1"), ("::", "127.0.0.1", "::1"),
+     ("[::]:2222", "127.0.0.1", "[::1]:2222"), ("0.0.0.0:2222", "127.0.0.1", "127.0.0.1:2222"),
+     ("127.0.0.1", "0.0.0.0", "0.0.0.0"), ("::1", "0.0.0.0", "::"),
+     ("0.0.0.0", "10.0.0.5", "10.0.0.5")],
+)  # fmt: skip
+def test_an_sshd_address_moves_in_its_own_family_and_keeps_its_port(value, host, moved):
+    assert sshd_value(value, host) == moved
+
+
+def test_sshd_narrowed_from_both_families_listens_on_both_loopbacks():
+    tree = {CONF: DEBIAN_SSHD.replace("#ListenAddress", "ListenAddress")}
+    fixes = bind_change(culprit(SSHD, tree, 22), 22, "127.0.0.1")
+    assert config(fixes) == [
+        (CONF, 5, "ListenAddress 127.0.0.1", (f"sed -i '5s/.*/ListenAddress 127.0.0.1/' {CONF}",)),
+        (CONF, 6, "ListenAddress ::1", (f"sed -i '6s/.*/ListenAddress ::1/' {CONF}",)),
+    ]
+    assert "listen on ::1" in fixes[1].summary
+
+
+def test_sshd_widened_from_one_family_gets_the_other_on_a_line_after():
+    drop_in = "/etc/ssh/sshd_config.d/tunnels.conf"
+    tree = {CONF: DEBIAN_SSHD, drop_in: "ListenAddress 127.0.0.1:2222 rdomain mgmt\nPort 2222\n"}
+    (fix,) = bind_change(culprit(SSHD, tree, 2222), 2222, "0.0.0.0")
+    assert (fix.file, fix.line, fix.setting) == (
+        drop_in,
+        1,
+        "ListenAddress 0.0.0.0:2222 rdomain mgmt",
+    )
+    assert fix.commands == (
+        f"sed -i '1s/.*/ListenAddress 0.0.0.0:2222 rdomain mgmt/' {drop_in}",
+        f"sed -i '1a ListenAddress [::]:2222' {drop_in}",
+    )
+
+
+def test_sshd_with_no_listen_address_is_narrowed_to_both_loopbacks_ahead_of_any_match():
+    tree = {CONF: "Port 22\nMatch User backup\n  ForceCommand true\n"}
+    (fix,) = bind_change(culprit(SSHD, tree, 22), 22, "127.0.0.1")
+    assert (fix.file, fix.line, fix.setting) == (CONF, 0, "ListenAddress 127.0.0.1")
+    # GNU sed's `i` turns \n into a line break: two lines, in this order, on top
+    assert fix.commands == (f"sed -i '1i ListenAddress 127.0.0.1\\nListenAddress ::1' {CONF}",)
+    assert "`ListenAddress 127.0.0.1` and `ListenAddress ::1`" in fix.summary
+
+
+def test_sshd_lines_that_would_bind_one_address_twice_are_commented_out():
+    tree = {CONF: "ListenAddress 198.51.100.1\nListenAddress 203.0.113.7\n"}
+    fixes = bind_change(culprit(SSHD, tree, 22), 22, "127.0.0.1")
+    assert config(fixes) == [
+        (CONF, 1, "ListenAddress 127.0.0.1", (f"sed -i '1s/.*/ListenAddress 127.0.0.1/' {CONF}",)),
+        (CONF, 2, "#ListenAddress 203.0.113.7",
+         (f"sed -i '2s/.*/#ListenAddress 203.0.113.7/' {CONF}",)),
+    ]  # fmt: skip
