@@ -425,6 +425,45 @@ SSHD_LOCAL = Daemon(
 )
 
 
+# --- Caddy: a `:8080` site added to Debian's Caddyfile, for this host alone ---
+
+CADDY_SITE = """
+# the shop's status page, for this host's monitoring alone
+:8080 {
+\trespond "ok"
+}
+"""
+
+
+def caddy_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/caddy", tmp / "etc/caddy", symlinks=True)
+    caddyfile = tmp / "etc/caddy/Caddyfile"
+    caddyfile.write_text(caddyfile.read_text() + CADDY_SITE)
+    for d in ("data", "config"):
+        (tmp / d).mkdir()
+
+
+CADDY = Daemon(
+    name="status",
+    port=8080,
+    expose="loopback",
+    binary="caddy",
+    mounts=("/etc/caddy",),
+    setup=caddy_setup,
+    # as Debian's unit runs it; its storage (certificates, autosave) in the temp dir. Its
+    # sites name ports alone: plain HTTP, no certificate is ever asked for
+    command=lambda tmp: (
+        f"exec env HOME={tmp} XDG_DATA_HOME={tmp}/data XDG_CONFIG_HOME={tmp}/config "
+        "caddy run --environ --config /etc/caddy/Caddyfile"
+    ),
+    wrong="overexposed",
+    file="/etc/caddy/Caddyfile",
+    line=lambda tmp: 0,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+)
+
+
 DAEMONS = [
     REDIS,
     NGINX,
@@ -436,6 +475,7 @@ DAEMONS = [
     APACHE,
     SSHD,
     SSHD_LOCAL,
+    CADDY,
 ]
 
 

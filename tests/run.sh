@@ -37,6 +37,7 @@ if [ "$(id -u)" = 0 ]; then
     command -v haproxy >/dev/null || daemons+=(haproxy)
     command -v apache2 >/dev/null || daemons+=(apache2)
     command -v sshd >/dev/null || daemons+=(openssh-server)
+    command -v caddy >/dev/null || daemons+=(caddy)
     if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ]; then
         apt-get update -qq
     fi

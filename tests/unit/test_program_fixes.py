@@ -1,4 +1,4 @@
-"""The bind fixes of sshd (pure): where each sets its listen address in
+"""The bind fixes of sshd and Caddy (pure): where each sets its listen address in
 the package's own files (Debian's layout), and the edit that moves it, for both families."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from bindscope.diagnose.fixes import Fix, bind_change, sshd_value
 from bindscope.diagnose.programs import Culprit, recognize
-from bindscope.diagnose.settings import Files, locate, sshd_port
+from bindscope.diagnose.settings import Files, caddy_ports, locate, sshd_port
 from bindscope.model import ProcessInfo
 
 
@@ -128,3 +128,79 @@ def test_sshd_lines_that_would_bind_one_address_twice_are_commented_out():
         (CONF, 2, "#ListenAddress 203.0.113.7",
          (f"sed -i '2s/.*/#ListenAddress 203.0.113.7/' {CONF}",)),
     ]  # fmt: skip
+
+
+# --- Caddy ---
+
+CADDY = proc("/usr/bin/caddy", "run", "--environ", "--config", "/etc/caddy/Caddyfile")
+CADDYFILE = "/etc/caddy/Caddyfile"
+
+
+@pytest.mark.parametrize(
+    ("address", "ports"),
+    [(":8080", {8080}), ("http://:8080", {8080}), ("localhost:8080", {8080}),
+     ("http://shop.example", {80}), ("https://shop.example/api/*", {443}),
+     ("shop.example", {80, 443}), ("[::1]:9000", {9000}), (":{$PORT}", set())],
+)  # fmt: skip
+def test_a_caddy_site_address_is_served_on_its_ports(address: str, ports: set[int]):
+    assert caddy_ports(address) == ports
+
+
+CADDY_TREE = {
+    CADDYFILE: (
+        "{\n"  # 1: the global options block
+        "\temail ops@shop.example\n"
+        "}\n"
+        "(common) {\n"  # 4: a snippet
+        "\tbind 198.51.100.1\n"
+        "}\n"
+        ":80 {\n"  # 7
+        "\troot * /usr/share/caddy\n"
+        "\tfile_server\n"
+        "}\n"
+        "\n"
+        "# status, for this host alone\n"
+        ":8080, http://localhost:8080 {\n"  # 13
+        "\thandle /api/* {\n"
+        "\t\tbind 198.51.100.1\n"  # a route's: not the site's
+        "\t}\n"
+        '\trespond "ok #1"\n'
+        "}\n"
+        "http://metrics.shop.example:8080 {\n"  # 19
+        "    bind 0.0.0.0 # everyone\n"  # 20
+        "}\n"
+    )
+}
+
+
+def test_caddy_finds_each_site_on_the_port_with_its_bind_or_where_one_goes():
+    found = locate("caddy", CADDY, 8080, files(CADDY_TREE))
+    assert [(s.line, s.section_line, s.indent, s.value) for s in found] == [
+        (0, 13, "\t", ""),
+        (20, 0, "", "0.0.0.0"),
+    ]
+    assert locate("caddy", CADDY, 443, files(CADDY_TREE)) == ()
+
+
+def test_caddy_binds_both_loopbacks_and_edits_the_later_site_first():
+    fixes = bind_change(culprit(CADDY, CADDY_TREE, 8080), 8080, "127.0.0.1")
+    # a line added after line 13 would move line 20: 20 is edited first
+    assert config(fixes) == [
+        (CADDYFILE, 20, "    bind 127.0.0.1 ::1",
+         (f"sed -i '20s/.*/    bind 127.0.0.1 ::1/' {CADDYFILE}",)),
+        (CADDYFILE, 0, "\tbind 127.0.0.1 ::1",
+         (f"sed -i '13a\\\tbind 127.0.0.1 ::1' {CADDYFILE}",)),
+    ]  # fmt: skip
+    assert "after line 13" in fixes[1].summary
+
+
+def test_a_caddyfile_of_one_site_without_braces_gets_its_bind_after_the_addresses():
+    tree = {CADDYFILE: "# one site\n:8080\nrespond ok\n"}
+    (fix,) = bind_change(culprit(CADDY, tree, 8080), 8080, "127.0.0.1")
+    assert fix.commands == (f"sed -i '2a bind 127.0.0.1 ::1' {CADDYFILE}",)
+
+
+def test_a_caddy_site_on_one_line_is_not_edited_blindly():
+    tree = {CADDYFILE: ":8080 { respond ok }\n"}
+    (fix,) = bind_change(culprit(CADDY, tree, 8080), 8080, "127.0.0.1")
+    assert (fix.file, fix.commands) == (CADDYFILE, ())

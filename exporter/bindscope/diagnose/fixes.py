@@ -181,7 +181,9 @@ def _sed_line(file: str, line: int, text: str) -> str:
 
 
 def _sed_after(file: str, line: int, text: str) -> str:
-    return f"sed -i {shlex.quote(f'{line}a {text}')} {shlex.quote(file)}"
+    # `a\` keeps the text's indentation (plain `a` drops leading blanks)
+    how = "a\\" if text[:1].isspace() else "a "
+    return f"sed -i {shlex.quote(f'{line}{how}{text}')} {shlex.quote(file)}"
 
 
 def _indent(line: str) -> str:
@@ -195,8 +197,8 @@ def _edit(s: Setting, new: str, summary: str, restart: str) -> Fix:
         where = f"{s.file} line {s.line}"
         cmd = _sed_line(s.file, s.line, text)
     elif s.section_line:
-        text, where = new, f"{s.file}, after line {s.section_line}"
-        cmd = _sed_after(s.file, s.section_line, new)
+        text, where = s.indent + new, f"{s.file}, after line {s.section_line}"
+        cmd = _sed_after(s.file, s.section_line, text)
     elif s.first:
         text, where = new, f"{s.file}, as its first line"
         cmd = f"sed -i {shlex.quote(f'1i {new}')} {shlex.quote(s.file)}"
@@ -441,15 +443,7 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
             )
         ]
     if kind == "caddy":
-        return [
-            Fix(
-                "config",
-                f"`bind {host}` in the site block of /etc/caddy/Caddyfile "
-                "(or the global `default_bind`), then reload caddy",
-                file="/etc/caddy/Caddyfile",
-                setting=f"bind {host}",
-            )
-        ]
+        return _caddy(c, port, host)
     if kind == "java":
         return [
             Fix(
@@ -566,6 +560,36 @@ def _sshd(c: Culprit, port: int, host: str) -> list[Fix]:
             commands=(*f.commands, _sed_after(last.file, last.line, _indent(last.text) + extra)),
         )
     return fixes
+
+
+# --- Caddy: `bind` in each site block served on the port ---
+
+
+def _caddy(c: Culprit, port: int, host: str) -> list[Fix]:
+    # Caddy (Go) listens on 0.0.0.0 with an IPv6 socket that takes IPv4 too
+    value = "127.0.0.1 ::1" if host == "127.0.0.1" else host
+    where = "every address" if _wide(host) else value.replace(" ", " and ")
+    if not c.settings:
+        return [
+            Fix(
+                "config",
+                f"`bind {value}` in the site block of /etc/caddy/Caddyfile "
+                "(or the global option `default_bind`), then reload caddy",
+                file="/etc/caddy/Caddyfile",
+                setting=f"bind {value}",
+            )
+        ]
+    # a line added after a site's addresses moves the lines below it: the later sites first
+    ordered = sorted(c.settings, key=lambda s: (s.file, s.line or s.section_line), reverse=True)
+    return [
+        _edit(
+            s,
+            f"bind {value}",
+            f"make Caddy's site on port {port} listen on {where}",
+            f"`caddy validate --config {s.file}` and reload caddy",
+        )
+        for s in ordered
+    ]
 
 
 def bind_change(culprit: Culprit | None, port: int, host: str) -> list[Fix]:

@@ -29,6 +29,7 @@ class Setting:
     value: str = ""  # the address part, for the fix to reason about
     section_line: int = 0  # an INI section header to add the setting under, when absent
     first: bool = False  # when absent, add it as the first line (sshd: never inside a Match)
+    indent: str = ""  # the indentation a line added after `section_line` takes (a block's)
 
 
 @dataclass(frozen=True)
@@ -371,6 +372,73 @@ def sshd(files: Files, path: str, port: int) -> tuple[Setting, ...]:
     return found or ((Setting(path, 0, "", first=True),) if files.read(path) is not None else ())
 
 
+_CADDY_COMMENT = re.compile(r"(?:^|\s)#.*$")  # a comment starts a token, not inside one
+
+
+def caddy_ports(address: str) -> set[int]:
+    """The ports a Caddyfile site address is served on: `:8080`, `http://host:8080`,
+    `http://host` (80), `https://host` (443), `host` (443, and 80 for its redirect)."""
+    scheme, _, rest = address.rpartition("://")
+    rest = rest.split("/", 1)[0]
+    if rest.startswith("["):
+        port = rest.partition("]")[2].removeprefix(":")
+    else:
+        port = rest.rpartition(":")[2] if ":" in rest else ""
+    if port:
+        return {int(port)} if port.isdigit() else set()  # a placeholder: not known here
+    return {80} if scheme == "http" else {443} if scheme == "https" else {80, 443}
+
+
+def caddy(files: Files, path: str, port: int) -> tuple[Setting, ...]:
+    """For each site block of the Caddyfile served on the port: its `bind` line, or where
+    one goes (after the line of its addresses; `bind` is the site's, never a route's)."""
+    lines = _lines(files, path)
+    if lines is None:
+        return ()
+    found: list[Setting] = []
+    depth = 0
+    started = False  # a site seen: a `{` alone is no longer the global options block
+    single = False  # no braces: the file is one site, its addresses on the first line
+    site = 0  # the line of the addresses of the site being read, when it serves the port
+    bind: Setting | None = None
+    indent = "\t"
+
+    def done() -> None:
+        nonlocal site, bind
+        if site:
+            found.append(bind or Setting(path, 0, "", section_line=site, indent=indent))
+        site, bind = 0, None
+
+    for n, line in enumerate(lines, 1):
+        text = _CADDY_COMMENT.sub("", line).strip()
+        if not text:
+            continue
+        head = text.removesuffix("{").strip()
+        if depth == 0 and not single and ((text == "{" and not started) or head.startswith("(")):
+            pass  # the global options block, or a snippet: no site of its own
+        elif depth == 0 and not single:
+            # a site block's addresses, or (no brace on the first site) the only site's
+            started, single = True, "{" not in text
+            addresses = text.split("{", 1)[0].replace(",", " ").split()
+            ports = {p for a in addresses for p in caddy_ports(a)}
+            site, bind, indent = (n if port in ports else 0), None, "" if single else "\t"
+        elif site and depth == (0 if single else 1):
+            indent = _indent(line) or indent
+            if re.match(r"^bind(\s|$)", text):
+                bind = Setting(path, n, line, text[4:].strip())
+        depth += text.count("{") - text.count("}")
+        if depth == 0 and not single:
+            if site == n:
+                site = 0  # a site on one line (`:80 { respond ok }`): no line to add after
+            done()
+    done()
+    return tuple(found)
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
 def memcached(files: Files, path: str, process: ProcessInfo) -> tuple[Setting, ...]:
     """`-l` in /etc/memcached.conf, when that file gave the running command line its `-l`."""
     running = option(_words(process), "-l", "--listen")
@@ -410,6 +478,7 @@ _FINDERS: dict[str, Callable[[Files, str, int], tuple[Setting, ...]]] = {
     "sshd": sshd,
     "rabbitmq": rabbitmq,
     "epmd": epmd,
+    "caddy": caddy,
 }
 
 
