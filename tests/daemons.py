@@ -28,6 +28,8 @@ REFUSED = "ConnectionRefusedError: [Errno 111] Connection refused"
 TIMED_OUT = "TimeoutError: timed out"
 START_DEADLINE = 60.0  # seconds for a daemon to accept on loopback; generous for CI
 PG_BIN = "/usr/lib/postgresql/15/bin"
+# a DNS query (id 0x6273, recursion desired) for localhost's A record
+DNS_QUERY = bytes.fromhex("627301000001000000000000") + b"\x09localhost\x00\x00\x01\x00\x01"
 
 
 @dataclass(frozen=True)
@@ -464,6 +466,44 @@ CADDY = Daemon(
 )
 
 
+# --- dnsmasq: Debian's dnsmasq.conf (DNS on every interface), a resolver for this host alone ---
+
+DNSMASQ_CONF = "/etc/dnsmasq.conf"
+
+
+def dnsmasq_setup(tmp: Path) -> None:
+    # /etc/dnsmasq.conf lies in /etc itself: an overlay on /etc, as for memcached
+    upper = tmp / "etc-upper"
+    upper.mkdir()
+    (tmp / "etc-work").mkdir()
+    shutil.copy2(DNSMASQ_CONF, upper / "dnsmasq.conf")
+
+
+DNSMASQ = Daemon(
+    name="dns",
+    port=53,
+    expose="loopback",
+    binary="dnsmasq",
+    mounts=(),
+    setup=dnsmasq_setup,
+    # the arguments of Debian's systemd-helper, in the foreground and with the pid file in
+    # the temp dir; --no-resolv: no upstream servers, so no query leaves the namespace (and
+    # /etc/resolv.conf is not read); no DHCP is configured
+    command=lambda tmp: (
+        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp}/etc-upper,"
+        f"workdir={tmp}/etc-work /etc && "
+        f"exec dnsmasq --keep-in-foreground --log-facility=- --no-resolv "
+        f"-x {tmp}/dnsmasq.pid -u dnsmasq -7 /etc/dnsmasq.d,.dpkg-dist,.dpkg-old,.dpkg-new "
+        "--local-service"
+    ),
+    wrong="overexposed",
+    file=DNSMASQ_CONF,
+    line=lambda tmp: 0,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+    datagram=DNS_QUERY,
+)
+
 DAEMONS = [
     REDIS,
     NGINX,
@@ -476,6 +516,7 @@ DAEMONS = [
     SSHD,
     SSHD_LOCAL,
     CADDY,
+    DNSMASQ,
 ]
 
 

@@ -38,6 +38,8 @@ if [ "$(id -u)" = 0 ]; then
     command -v apache2 >/dev/null || daemons+=(apache2)
     command -v sshd >/dev/null || daemons+=(openssh-server)
     command -v caddy >/dev/null || daemons+=(caddy)
+    # dnsmasq-base alone (NetworkManager's, libvirt's) has the binary, not /etc/dnsmasq.conf
+    [ -f /etc/dnsmasq.conf ] || daemons+=(dnsmasq)
     if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ]; then
         apt-get update -qq
     fi

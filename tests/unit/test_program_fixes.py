@@ -1,4 +1,4 @@
-"""The bind fixes of sshd and Caddy (pure): where each sets its listen address in
+"""The bind fixes of sshd, Caddy and dnsmasq (pure): where each sets its listen address in
 the package's own files (Debian's layout), and the edit that moves it, for both families."""
 
 from __future__ import annotations
@@ -204,3 +204,84 @@ def test_a_caddy_site_on_one_line_is_not_edited_blindly():
     tree = {CADDYFILE: ":8080 { respond ok }\n"}
     (fix,) = bind_change(culprit(CADDY, tree, 8080), 8080, "127.0.0.1")
     assert (fix.file, fix.commands) == (CADDYFILE, ())
+
+
+# --- dnsmasq ---
+
+DNSMASQ = proc(
+    "/usr/sbin/dnsmasq", "-x", "/run/dnsmasq/dnsmasq.pid", "-u", "dnsmasq",
+    "-7", "/etc/dnsmasq.d,.dpkg-dist,.dpkg-old,.dpkg-new", "--local-service",
+)  # fmt: skip
+DNSMASQ_CONF = "/etc/dnsmasq.conf"
+# Debian's dnsmasq.conf, shortened: every setting commented out
+DEBIAN_DNSMASQ = "#interface=\n#listen-address=\n#bind-interfaces\n#conf-dir=/etc/dnsmasq.d\n"
+
+
+def test_dnsmasq_listening_everywhere_gets_listen_address_and_bind_interfaces():
+    tree = {DNSMASQ_CONF: DEBIAN_DNSMASQ, "/etc/dnsmasq.d/README": "# conf-dir\n"}
+    (fix,) = bind_change(culprit(DNSMASQ, tree, 53), 53, "127.0.0.1")
+    assert (fix.file, fix.line, fix.setting) == (DNSMASQ_CONF, 0, "listen-address=127.0.0.1,::1")
+    # listen-address alone leaves dnsmasq on the wildcard, dropping other addresses' queries
+    assert fix.commands == (
+        f"sed -i '$a bind-interfaces' {DNSMASQ_CONF}",
+        f"sed -i '$a listen-address=127.0.0.1,::1' {DNSMASQ_CONF}",
+    )
+
+
+def test_dnsmasq_settings_are_found_through_debians_conf_dir_and_conf_file():
+    tree = {
+        DNSMASQ_CONF: DEBIAN_DNSMASQ + "conf-file=/etc/dnsmasq.local\n",
+        "/etc/dnsmasq.local": "bind-dynamic\n",
+        "/etc/dnsmasq.d/lan.conf": "interface=eth0\nlisten-address=198.51.100.1\n",
+        "/etc/dnsmasq.d/lan.conf.dpkg-old": "listen-address=0.0.0.0\n",  # skipped by -7
+        "/etc/dnsmasq.d/.hidden": "listen-address=0.0.0.0\n",
+    }
+    found = locate("dnsmasq", DNSMASQ, 53, files(tree))
+    assert [(s.file, s.line, s.directive, s.value) for s in found] == [
+        ("/etc/dnsmasq.local", 1, "bind-dynamic", ""),
+        ("/etc/dnsmasq.d/lan.conf", 1, "interface", "eth0"),
+        ("/etc/dnsmasq.d/lan.conf", 2, "listen-address", "198.51.100.1"),
+    ]
+    (fix,) = bind_change(culprit(DNSMASQ, tree, 53), 53, "127.0.0.1")
+    # bind-dynamic binds what it listens on already; the interface would add eth0's addresses
+    assert fix.commands == (
+        "sed -i '2s/.*/listen-address=127.0.0.1,::1/' /etc/dnsmasq.d/lan.conf",
+        "sed -i '1s/.*/#interface=eth0/' /etc/dnsmasq.d/lan.conf",
+    )
+
+
+def test_dnsmasq_conf_dir_of_only_some_extensions_and_its_own_config_file():
+    process = proc("dnsmasq", "-k", "-C", "/srv/dns/main.conf")
+    tree = {
+        "/srv/dns/main.conf": "conf-dir=/srv/dns/d,*.conf\nlisten-address=127.0.0.1\n",
+        "/srv/dns/d/a.conf": "listen-address=198.51.100.1\n",
+        "/srv/dns/d/b.txt": "listen-address=0.0.0.0\n",
+    }
+    found = locate("dnsmasq", process, 53, files(tree))
+    assert [(s.file, s.line) for s in found] == [
+        ("/srv/dns/d/a.conf", 1),
+        ("/srv/dns/main.conf", 2),
+    ]
+    (fix,) = bind_change(culprit(process, tree, 53), 53, "127.0.0.1")
+    assert fix.commands == (
+        "sed -i '1s/.*/listen-address=127.0.0.1,::1/' /srv/dns/d/a.conf",
+        "sed -i '2s/.*/#listen-address=127.0.0.1/' /srv/dns/main.conf",
+        "sed -i '$a bind-interfaces' /srv/dns/d/a.conf",
+    )
+
+
+def test_dnsmasq_widened_loses_what_limits_it():
+    tree = {DNSMASQ_CONF: "listen-address=127.0.0.1\nbind-interfaces\ninterface=lo\n"}
+    (fix,) = bind_change(culprit(DNSMASQ, tree, 53), 53, "0.0.0.0")
+    assert (fix.line, fix.setting) == (1, "#listen-address=127.0.0.1")
+    assert fix.commands == (
+        f"sed -i '1s/.*/#listen-address=127.0.0.1/' {DNSMASQ_CONF}",
+        f"sed -i '3s/.*/#interface=lo/' {DNSMASQ_CONF}",
+    )
+
+
+def test_dnsmasqs_dhcp_port_gets_no_dns_fix():
+    # its DHCP socket is on the wildcard whatever listen-address says
+    tree = {DNSMASQ_CONF: DEBIAN_DNSMASQ}
+    (fix,) = bind_change(culprit(DNSMASQ, tree, 67), 67, "127.0.0.1")
+    assert fix.kind == "command" and not fix.commands

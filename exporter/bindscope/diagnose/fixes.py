@@ -444,6 +444,8 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
         ]
     if kind == "caddy":
         return _caddy(c, port, host)
+    if kind == "dnsmasq":
+        return _dnsmasq(c, port, host)
     if kind == "java":
         return [
             Fix(
@@ -589,6 +591,93 @@ def _caddy(c: Culprit, port: int, host: str) -> list[Fix]:
             f"`caddy validate --config {s.file}` and reload caddy",
         )
         for s in ordered
+    ]
+
+
+# --- dnsmasq: listen-address= alone still binds the wildcard; bind-interfaces binds them ---
+
+DNSMASQ_RESTART = "restart dnsmasq"
+_DNSMASQ_NOT_DNS = {67, 68, 69, 547}  # DHCP, TFTP, DHCPv6: always on the wildcard
+
+
+def _commented(s: Setting) -> str:
+    return _indent(s.text) + "#" + s.text.strip()
+
+
+def _dnsmasq(c: Culprit, port: int, host: str) -> list[Fix] | None:
+    if port in _DNSMASQ_NOT_DNS:
+        return None
+    of = {d: [s for s in c.settings if s.directive == d and s.line] for d in
+          ("listen-address", "interface", "bind-interfaces", "bind-dynamic")}  # fmt: skip
+    listens, interfaces = of["listen-address"], of["interface"]
+    conf = next((s.file for s in c.settings if s.directive == "listen-address"), "")
+    if not conf:
+        return [
+            Fix(
+                "config",
+                "`listen-address=127.0.0.1,::1` and `bind-interfaces` in /etc/dnsmasq.conf, "
+                f"then {DNSMASQ_RESTART}",
+                setting="listen-address=127.0.0.1,::1",
+            )
+        ]
+    if _wide(host):
+        # every interface: what limits it goes (bind-interfaces then binds them all)
+        limits = listens + interfaces
+        if not limits:
+            return [
+                advice(
+                    "dnsmasq's files set no listen-address= or interface=: look at its "
+                    "command line (-a, -i; DNSMASQ_INTERFACE in /etc/default/dnsmasq)"
+                )
+            ]
+        said = ", ".join(f"`{s.text.strip()}` ({s.file} line {s.line})" for s in limits)
+        first = limits[0]
+        return [
+            Fix(
+                "config",
+                f"let dnsmasq listen on every interface: comment out {said}, "
+                f"then {DNSMASQ_RESTART}",
+                file=first.file,
+                line=first.line,
+                setting=_commented(first),
+                commands=tuple(_sed_line(s.file, s.line, _commented(s)) for s in limits),
+            )
+        ]
+    value = "127.0.0.1,::1" if host == "127.0.0.1" else ",".join((host, "127.0.0.1", "::1"))
+    new = f"listen-address={value}"
+    commands: list[str] = []
+    parts: list[str] = []
+    if listens:
+        first = listens[0]
+        setting, line, file = _indent(first.text) + new, first.line, first.file
+        commands.append(_sed_line(file, line, setting))
+        parts.append(f"`{new}` in {file} line {line}")
+    else:
+        setting, line, file = new, 0, conf
+        parts.append(f"`{new}` in {file} (not set there now)")
+    # the rest would add addresses again, an interface= its own addresses
+    for s in listens[1:] + [i for i in interfaces if i.value != "lo"]:
+        commands.append(_sed_line(s.file, s.line, _commented(s)))
+        parts.append(f"comment out `{s.text.strip()}` ({s.file} line {s.line})")
+    if not of["bind-interfaces"] and not of["bind-dynamic"]:
+        # added first, so that an absent listen-address ends the file as `setting` says
+        commands.insert(len(commands) if listens else 0, _sed_line(conf, 0, "bind-interfaces"))
+        parts.append(
+            "`bind-interfaces` (without it dnsmasq binds every address and only drops "
+            "the queries to the others)"
+        )
+    if not listens:
+        commands.append(_sed_line(conf, 0, new))
+    return [
+        Fix(
+            "config",
+            f"make dnsmasq listen on {value.replace(',', ' and ')} alone: "
+            f"{', '.join(parts)}, then {DNSMASQ_RESTART}",
+            file=file,
+            line=line,
+            setting=setting,
+            commands=tuple(commands),
+        )
     ]
 
 

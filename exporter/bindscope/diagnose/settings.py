@@ -30,6 +30,7 @@ class Setting:
     section_line: int = 0  # an INI section header to add the setting under, when absent
     first: bool = False  # when absent, add it as the first line (sshd: never inside a Match)
     indent: str = ""  # the indentation a line added after `section_line` takes (a block's)
+    directive: str = ""  # which of a program's several settings this is (dnsmasq's)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ DEFAULTS = {
     "rabbitmq": "/etc/rabbitmq/rabbitmq.conf",
     "epmd": "/etc/rabbitmq/rabbitmq-env.conf",
     "caddy": "/etc/caddy/Caddyfile",
+    "dnsmasq": "/etc/dnsmasq.conf",
 }
 
 
@@ -113,6 +115,8 @@ def config_file(kind: str, process: ProcessInfo, files: Files) -> str:
         named = option(words, "config_file") or _pg_config(words)
     elif kind == "mysql":
         named = option(words, "--defaults-file")
+    elif kind == "dnsmasq":
+        named = option(words, "-C", "--conf-file")
     elif kind in ("apache", "haproxy", "sshd"):
         named = option(words, "-f")
         if kind == "apache" and not named and files.read("/etc/httpd/conf/httpd.conf"):
@@ -439,6 +443,68 @@ def _indent(line: str) -> str:
     return line[: len(line) - len(line.lstrip())]
 
 
+_DNSMASQ = re.compile(
+    r"^(listen-address|interface|bind-interfaces|bind-dynamic|conf-file|conf-dir)\s*(?:=\s*(.*))?$"
+)
+
+
+def _dnsmasq_dir(files: Files, value: str) -> list[str]:
+    """The files of `conf-dir=DIR[,.ext-to-skip...|,*.ext-to-take...]`, in dnsmasq's order
+    (sorted; never a dotfile, a backup~ or an #autosave#)."""
+    directory, *suffixes = [v.strip() for v in value.split(",")]
+    take = [x[1:] for x in suffixes if x.startswith("*")]
+    skip = [x for x in suffixes if not x.startswith("*")]
+    found = []
+    for p in files.listing(os.path.join(files.absolute(directory), "*")):
+        name = os.path.basename(p)
+        if name.startswith((".", "#")) or name.endswith("~"):
+            continue
+        if (take and not name.endswith(tuple(take))) or name.endswith(tuple(skip) or ("\0",)):
+            continue
+        found.append(p)
+    return found
+
+
+def dnsmasq(files: Files, path: str, process: ProcessInfo) -> tuple[Setting, ...]:
+    """`listen-address=`, `interface=` and `bind-interfaces`/`bind-dynamic` in dnsmasq.conf,
+    the `conf-file=`s and `conf-dir=`s it names, and the conf-dir of its command line (-7,
+    Debian's `-7 /etc/dnsmasq.d,.dpkg-dist,...`); with no listen-address, where one goes."""
+    if files.read(path) is None:
+        return ()
+    found: list[Setting] = []
+    seen: set[str] = set()
+
+    def visit(p: str) -> None:
+        if p in seen or len(seen) >= MAX_FILES:
+            return
+        seen.add(p)
+        for n, line in enumerate(_lines(files, p) or [], 1):
+            m = _DNSMASQ.match(_uncomment(line))
+            if not m:
+                continue
+            name, value = m.group(1), (m.group(2) or "").strip()
+            if name == "conf-file" and value:
+                visit(files.absolute(value, os.path.dirname(p)))
+            elif name == "conf-dir" and value:
+                for q in _dnsmasq_dir(files, value):
+                    visit(q)
+            elif name != "conf-file" and name != "conf-dir":
+                found.append(Setting(p, n, line, value, directive=name))
+
+    visit(path)
+    words = _words(process)
+    for i, w in enumerate(words):
+        if w in ("-7", "--conf-dir") and i + 1 < len(words):
+            for q in _dnsmasq_dir(files, words[i + 1]):
+                visit(q)
+        elif w.startswith("--conf-dir="):
+            for q in _dnsmasq_dir(files, w.split("=", 1)[1]):
+                visit(q)
+    if not any(s.directive == "listen-address" for s in found):
+        found.append(Setting(path, 0, "", directive="listen-address"))
+    return tuple(found)
+
+
 def memcached(files: Files, path: str, process: ProcessInfo) -> tuple[Setting, ...]:
     """`-l` in /etc/memcached.conf, when that file gave the running command line its `-l`."""
     running = option(_words(process), "-l", "--listen")
@@ -505,6 +571,8 @@ def locate(kind: str, process: ProcessInfo, port: int, files: Files) -> tuple[Se
         return over or (postgres(files, path, port) if path else ())
     if kind == "memcached":
         return memcached(files, path, process)
+    if kind == "dnsmasq":
+        return dnsmasq(files, path, process)
     finder = _FINDERS.get(kind)
     if finder is None or not path:
         return ()
