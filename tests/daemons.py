@@ -51,6 +51,7 @@ class Daemon:
     # a request it answers over UDP too: the service is declared for UDP as well, and the
     # datagram is sent where the TCP connects go
     datagram: bytes = b""
+    tcp: bool = True  # False: a UDP service alone, checked with the datagram alone
     fixes: int = 1  # config fixes: one per line that sets where it listens
     id: str = ""  # the test's id, where the binary's name alone repeats
 
@@ -504,6 +505,51 @@ DNSMASQ = Daemon(
     datagram=DNS_QUERY,
 )
 
+# --- chrony: its command port opened to the monitoring network in conf.d, declared loopback ---
+
+# chronyc's `tracking` request (protocol version 6, padded as chronyd wants it)
+CHRONYC_TRACKING = bytes.fromhex("060100000021000074441115") + bytes(92)
+
+
+def chrony_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/chrony", tmp / "etc/chrony", symlinks=True)
+    conf = tmp / "etc/chrony/chrony.conf"
+    # the test's: no time source (no traffic beyond the namespaces), its state in the temp
+    # dir, and (beside -x) nothing that would touch the host's clock
+    _edit(conf, r"^pool .*$", "")
+    _edit(conf, r"^(driftfile|ntsdumpdir|logdir) .*$", rf"\1 {tmp}/chrony")
+    _edit(conf, r"^(rtcsync|makestep .*)$", "")
+    (tmp / "chrony").mkdir()
+    shutil.chown(tmp / "chrony", "_chrony", "_chrony")
+    # the admin's change, where Debian's confdir reads it: chronyc from the monitoring host
+    (tmp / "etc/chrony/conf.d/monitoring.conf").write_text(
+        "# chronyc from the monitoring host\nbindcmdaddress 0.0.0.0\ncmdallow 198.51.100.0/24\n"
+    )
+
+
+CHRONY = Daemon(
+    name="chrony-cmd",
+    port=323,
+    expose="loopback",
+    binary="chronyd",
+    mounts=("/etc/chrony",),
+    setup=chrony_setup,
+    # as Debian's unit runs it (-F 1), in the foreground, never controlling the clock (-x);
+    # its pid file and socket in /run/chrony on a tmpfs of the private mount namespace
+    command=lambda tmp: (
+        "mount -t tmpfs tmpfs /run && mkdir -m 0750 /run/chrony && "
+        "chown _chrony:_chrony /run/chrony && exec chronyd -d -x -F 1"
+    ),
+    wrong="overexposed",
+    file="/etc/chrony/conf.d/monitoring.conf",
+    line=lambda tmp: 2,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+    datagram=CHRONYC_TRACKING,
+    tcp=False,
+)
+
+
 DAEMONS = [
     REDIS,
     NGINX,
@@ -517,6 +563,7 @@ DAEMONS = [
     SSHD_LOCAL,
     CADDY,
     DNSMASQ,
+    CHRONY,
 ]
 
 
@@ -546,12 +593,21 @@ class Running:
 
     def wait_accepting(self) -> None:
         """Until it accepts on 127.0.0.1 (one bounded loop inside the namespace)."""
+        d = self.daemon
+        # a UDP daemon accepts when it answers its request
+        attempt = (
+            f"socket.create_connection(('127.0.0.1',{d.port}),1).close()"
+            if d.tcp
+            else "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(1);"
+            f"s.connect(('127.0.0.1',{d.port}));s.send(bytes.fromhex({d.datagram.hex()!r}));"
+            "s.recv(4096);s.close()"
+        )
         code = (
             "import socket,sys,time\n"
             f"end=time.monotonic()+{START_DEADLINE}\n"
             "while time.monotonic()<end:\n"
             "    try:\n"
-            f"        socket.create_connection(('127.0.0.1',{self.daemon.port}),1).close()\n"
+            f"        {attempt}\n"
             "        sys.exit(0)\n"
             "    except OSError:\n"
             "        time.sleep(0.1)\n"
@@ -603,7 +659,9 @@ def running_fixture(two_hosts: TwoHosts, shared_dir: Path, request) -> Iterator[
     require_binary(daemon.binary, "unshare", "nsenter", "setpriv")
     daemon.setup(workdir)
     r = Running(two_hosts, daemon, workdir)
-    services = f"  - {{name: {daemon.name}, port: {daemon.port}, expose: {daemon.expose}}}\n"
+    services = ""
+    if daemon.tcp:
+        services += f"  - {{name: {daemon.name}, port: {daemon.port}, expose: {daemon.expose}}}\n"
     if daemon.datagram:
         services += (
             f"  - {{name: {daemon.name}-udp, port: {daemon.port}, protocol: udp, "
@@ -655,23 +713,27 @@ def _datagram(r: Running, ns: str, address: str) -> str:
     return "ok" if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
 
 
-def _both(r: Running, ns: str, address: str, tcp: str) -> str:
-    """TCP's word, or for a daemon that answers over UDP too, one word when both agree."""
-    if not r.daemon.datagram:
-        return tcp
-    udp = _datagram(r, ns, address)
-    return tcp if udp == tcp else f"tcp: {tcp}; udp: {udp}"
+def _connect(r: Running, ns: str, address: str) -> str:
+    code = f"import socket;socket.create_connection(({address!r},{r.daemon.port}),2).close()"
+    p = r.hosts.exec(ns, sys.executable, "-c", code, check=False)
+    return "ok" if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
+
+
+def _reach(r: Running, ns: str, address: str) -> str:
+    """What a client in `ns` gets on address:port: one word when TCP and UDP agree."""
+    words = {}
+    if r.daemon.tcp:
+        words["tcp"] = _connect(r, ns, address)
+    if r.daemon.datagram:
+        words["udp"] = _datagram(r, ns, address)
+    if len(set(words.values())) == 1:
+        return next(iter(words.values()))
+    return "; ".join(f"{proto}: {word}" for proto, word in words.items())
 
 
 def loopback(r: Running, address: str) -> str:
-    code = f"import socket;socket.create_connection(({address!r},{r.daemon.port}),2).close()"
-    p = r.hosts.exec(r.hosts.server, sys.executable, "-c", code, check=False)
-    tcp = "ok" if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
-    return _both(r, r.hosts.server, address, tcp)
+    return _reach(r, r.hosts.server, address)
 
 
 def clients(r: Running) -> dict[str, str]:
-    return {
-        a: _both(r, r.hosts.client, a, r.hosts.connect(a, r.daemon.port))
-        for a in (TwoHosts.SERVER4, TwoHosts.SERVER6)
-    }
+    return {a: _reach(r, r.hosts.client, a) for a in (TwoHosts.SERVER4, TwoHosts.SERVER6)}

@@ -40,6 +40,17 @@ if [ "$(id -u)" = 0 ]; then
     command -v caddy >/dev/null || daemons+=(caddy)
     # dnsmasq-base alone (NetworkManager's, libvirt's) has the binary, not /etc/dnsmasq.conf
     [ -f /etc/dnsmasq.conf ] || daemons+=(dnsmasq)
+    if ! command -v chronyd >/dev/null; then
+        # chrony conflicts with every other time-daemon: it would remove the host's own
+        # (systemd-timesyncd, ntpsec), and the loop below would then leave it with none
+        other=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Provides}\n' 2>/dev/null |
+            awk '$1 == "ii" && / time-daemon/ {print $2; exit}' || true)
+        if [ -z "$other" ]; then
+            daemons+=(chrony)
+        else
+            echo "run.sh: not installing chrony: it would replace this host's $other" >&2
+        fi
+    fi
     if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ]; then
         apt-get update -qq
     fi

@@ -1,4 +1,4 @@
-"""The bind fixes of sshd, Caddy and dnsmasq (pure): where each sets its listen address in
+"""The bind fixes of sshd, Caddy, dnsmasq and chrony (pure): where each sets its listen address in
 the package's own files (Debian's layout), and the edit that moves it, for both families."""
 
 from __future__ import annotations
@@ -285,3 +285,54 @@ def test_dnsmasqs_dhcp_port_gets_no_dns_fix():
     tree = {DNSMASQ_CONF: DEBIAN_DNSMASQ}
     (fix,) = bind_change(culprit(DNSMASQ, tree, 67), 67, "127.0.0.1")
     assert fix.kind == "command" and not fix.commands
+
+
+# --- chrony ---
+
+CHRONYD = proc("/usr/sbin/chronyd", "-F", "1")
+CHRONY_CONF = "/etc/chrony/chrony.conf"
+# Debian's chrony.conf, shortened
+DEBIAN_CHRONY = (
+    "confdir /etc/chrony/conf.d\n"
+    "pool 2.debian.pool.ntp.org iburst\n"
+    "sourcedir /etc/chrony/sources.d\n"
+    "#bindcmdaddress 0.0.0.0\n"
+)
+
+
+def test_chrony_finds_the_command_ports_address_through_confdir_and_include():
+    tree = {
+        CHRONY_CONF: DEBIAN_CHRONY + "include /etc/chrony/local/*.conf\n",
+        "/etc/chrony/conf.d/monitoring.conf": "bindcmdaddress 0.0.0.0\ncmdallow 10.0.0.0/8\n",
+        "/etc/chrony/conf.d/README": "bindcmdaddress 0.0.0.0\n",  # not *.conf
+        "/etc/chrony/local/sock.conf": "bindcmdaddress /run/chrony/chronyd.sock\n",
+    }
+    found = locate("chrony", CHRONYD, 323, files(tree))
+    assert [(s.file, s.line, s.directive) for s in found] == [
+        ("/etc/chrony/conf.d/monitoring.conf", 1, "bindcmdaddress")
+    ]
+    (fix,) = bind_change(culprit(CHRONYD, tree, 323), 323, "127.0.0.1")
+    assert fix.commands == (
+        "sed -i '1s/.*/bindcmdaddress 127.0.0.1/' /etc/chrony/conf.d/monitoring.conf",
+    )
+
+
+def test_chrony_serving_ntp_everywhere_is_narrowed_to_both_loopbacks():
+    tree = {CHRONY_CONF: DEBIAN_CHRONY + "allow\n"}
+    (fix,) = bind_change(culprit(CHRONYD, tree, 123), 123, "127.0.0.1")
+    # chronyd takes one bind address per family: one line each
+    assert fix.commands == (
+        f"sed -i '$a bindaddress 127.0.0.1' {CHRONY_CONF}",
+        f"sed -i '$a bindaddress ::1' {CHRONY_CONF}",
+    )
+
+
+def test_chrony_command_port_widened_gets_the_other_family_and_a_word_on_cmdallow():
+    tree = {CHRONY_CONF: "cmdport 3230\nbindcmdaddress 127.0.0.1\n"}
+    assert locate("chrony", CHRONYD, 323, files(tree)) == ()  # not its command port here
+    (fix,) = bind_change(culprit(CHRONYD, tree, 3230), 3230, "0.0.0.0")
+    assert fix.commands == (
+        f"sed -i '2s/.*/bindcmdaddress 0.0.0.0/' {CHRONY_CONF}",
+        f"sed -i '2a bindcmdaddress ::' {CHRONY_CONF}",
+    )
+    assert "`cmdallow` the clients" in fix.summary

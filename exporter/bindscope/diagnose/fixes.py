@@ -446,6 +446,8 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
         return _caddy(c, port, host)
     if kind == "dnsmasq":
         return _dnsmasq(c, port, host)
+    if kind == "chrony":
+        return _chrony(c, port, host)
     if kind == "java":
         return [
             Fix(
@@ -481,18 +483,21 @@ def _sshd_join(address: str, port: str) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def sshd_value(value: str, host: str) -> str:
-    """A ListenAddress value moved to `host`, keeping its port; to loopback or to every
-    address in its own family (`::` -> `::1`), so each family's clients keep working."""
-    address, port = _sshd_split(value)
+def in_family(address: str, host: str) -> str:
+    """`address` moved to `host`; to loopback or to every address in its own family
+    (`::` -> `::1`), so each family's clients keep working."""
     six = ":" in address
     if host == "127.0.0.1":
-        new = "::1" if six else "127.0.0.1"
-    elif _wide(host):
-        new = "::" if six else "0.0.0.0"
-    else:
-        new = host
-    return _sshd_join(new, port)
+        return "::1" if six else "127.0.0.1"
+    if _wide(host):
+        return "::" if six else "0.0.0.0"
+    return host
+
+
+def sshd_value(value: str, host: str) -> str:
+    """A ListenAddress value moved to `host` in its own family, keeping its port."""
+    address, port = _sshd_split(value)
+    return _sshd_join(in_family(address, host), port)
 
 
 def _sshd(c: Culprit, port: int, host: str) -> list[Fix]:
@@ -679,6 +684,51 @@ def _dnsmasq(c: Culprit, port: int, host: str) -> list[Fix] | None:
             commands=tuple(commands),
         )
     ]
+
+
+# --- chrony: one bind address per family, each family's socket apart (v6only) ---
+
+
+def _chrony(c: Culprit, port: int, host: str) -> list[Fix] | None:
+    if not c.settings:
+        return None
+    name = c.settings[0].directive
+    who = "command port" if name == "bindcmdaddress" else "NTP port"
+    allow = "cmdallow" if name == "bindcmdaddress" else "allow"
+    restart = "restart chrony" + ("" if host == "127.0.0.1" else f" (and `{allow}` the clients)")
+    located = [s for s in c.settings if s.line]
+    if not located:
+        if host != "127.0.0.1" or name == "bindcmdaddress":
+            return None  # the default is every address (NTP) or loopback (commands) already
+        s = c.settings[0]
+        lines = [f"{name} 127.0.0.1", f"{name} ::1"]
+        return [
+            Fix(
+                "config",
+                f"make chrony's {who} listen on 127.0.0.1 and ::1: `{lines[0]}` and "
+                f"`{lines[1]}` in {s.file} (not set there now), then {restart}",
+                file=s.file,
+                setting=lines[1],
+                commands=tuple(_sed_line(s.file, 0, line) for line in lines),
+            )
+        ]
+    fixes = [
+        _edit(s, f"{name} {in_family(s.value, host)}", f"make chrony's {who} listen on "
+              f"{'every address' if _wide(host) else in_family(s.value, host)}", restart)
+        for s in located
+    ]  # fmt: skip
+    sixes = {":" in s.value for s in located}
+    if _wide(host) and name == "bindcmdaddress" and len(sixes) == 1:
+        # the other family's command socket stays on its loopback unless told otherwise
+        last = located[-1]
+        extra = f"{name} {'0.0.0.0' if True in sixes else '::'}"
+        f = fixes[-1]
+        fixes[-1] = dataclasses.replace(
+            f,
+            summary=f.summary.replace(", then ", f" and `{extra}` after it, then ", 1),
+            commands=(*f.commands, _sed_after(last.file, last.line, _indent(last.text) + extra)),
+        )
+    return fixes
 
 
 def bind_change(culprit: Culprit | None, port: int, host: str) -> list[Fix]:

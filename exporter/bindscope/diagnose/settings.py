@@ -100,6 +100,7 @@ DEFAULTS = {
     "epmd": "/etc/rabbitmq/rabbitmq-env.conf",
     "caddy": "/etc/caddy/Caddyfile",
     "dnsmasq": "/etc/dnsmasq.conf",
+    "chrony": "/etc/chrony/chrony.conf",
 }
 
 
@@ -117,7 +118,7 @@ def config_file(kind: str, process: ProcessInfo, files: Files) -> str:
         named = option(words, "--defaults-file")
     elif kind == "dnsmasq":
         named = option(words, "-C", "--conf-file")
-    elif kind in ("apache", "haproxy", "sshd"):
+    elif kind in ("apache", "haproxy", "sshd", "chrony"):
         named = option(words, "-f")
         if kind == "apache" and not named and files.read("/etc/httpd/conf/httpd.conf"):
             named = "/etc/httpd/conf/httpd.conf"
@@ -534,6 +535,56 @@ def epmd(files: Files, path: str, port: int) -> tuple[Setting, ...]:
     return _last(found, Setting(path, 0, ""))
 
 
+_CHRONY_INCLUDE = re.compile(r"^(include|confdir)\s+(.+)$")
+_CHRONY_PORTS = {"port": 123, "cmdport": 323, "ntsport": 4460}
+
+
+def chrony(files: Files, path: str, port: int) -> tuple[Setting, ...]:
+    """`bindcmdaddress` for the command port, `bindaddress` for the NTP port (and NTS-KE's),
+    in chrony.conf, its `include`s and the `*.conf` of its `confdir`s; with none, where
+    one goes. A port chronyd does not serve (by its `port`/`cmdport`/`ntsport`): ()."""
+    read: list[tuple[str, int, str, str]] = []  # file, line, text, the line uncommented
+    seen: set[str] = set()
+
+    def visit(p: str) -> None:
+        if p in seen or len(seen) >= MAX_FILES:
+            return
+        seen.add(p)
+        for n, line in enumerate(_lines(files, p) or [], 1):
+            text = _uncomment(line)
+            m = _CHRONY_INCLUDE.match(text)
+            if not m:
+                read.append((p, n, line, text))
+                continue
+            for target in m.group(2).split() if m.group(1) == "confdir" else [m.group(2)]:
+                pattern = os.path.join(target, "*.conf") if m.group(1) == "confdir" else target
+                for q in files.listing(files.absolute(pattern, os.path.dirname(p))):
+                    visit(q)
+
+    if files.read(path) is None:
+        return ()
+    visit(path)
+    ports = dict(_CHRONY_PORTS)
+    for _, _, _, text in read:
+        name, _, value = text.partition(" ")
+        if name in ports and value.strip().isdigit():
+            ports[name] = int(value.strip())
+    if port == ports["cmdport"]:
+        directive = "bindcmdaddress"
+    elif port in (ports["port"], ports["ntsport"]):
+        directive = "bindaddress"
+    else:
+        return ()
+    found = [
+        Setting(p, n, line, value, directive=directive)
+        for p, n, line, text in read
+        if (value := text.partition(" ")[2].strip())
+        and text.partition(" ")[0] == directive
+        and not value.startswith("/")  # the command socket's path, not an address
+    ]
+    return tuple(found) or (Setting(path, 0, "", directive=directive),)
+
+
 _FINDERS: dict[str, Callable[[Files, str, int], tuple[Setting, ...]]] = {
     "redis": redis,
     "nginx": nginx,
@@ -545,6 +596,7 @@ _FINDERS: dict[str, Callable[[Files, str, int], tuple[Setting, ...]]] = {
     "rabbitmq": rabbitmq,
     "epmd": epmd,
     "caddy": caddy,
+    "chrony": chrony,
 }
 
 
