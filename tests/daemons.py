@@ -550,6 +550,43 @@ CHRONY = Daemon(
 )
 
 
+# --- RabbitMQ: Debian's package as installed (no rabbitmq.conf: AMQP on every address) ---
+
+
+def rabbitmq_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/rabbitmq", tmp / "etc/rabbitmq", symlinks=True)
+    # its database, logs and Erlang cookie in the temp dir, written as its own user
+    for d in ("home", "mnesia", "log"):
+        (tmp / "rabbitmq" / d).mkdir(parents=True)
+    for d in (tmp / "rabbitmq", *(tmp / "rabbitmq").iterdir()):
+        shutil.chown(d, "rabbitmq", "rabbitmq")
+
+
+RABBITMQ = Daemon(
+    name="amqp",
+    port=5672,
+    expose="loopback",
+    binary="/usr/lib/rabbitmq/bin/rabbitmq-server",
+    mounts=("/etc/rabbitmq",),
+    setup=rabbitmq_setup,
+    # as Debian's units run them: epmd (its own unit) beside the node, each as its own user;
+    # epmd in the foreground here, so it is in the daemon's process group and stops with it
+    command=lambda tmp: (
+        "{ setpriv --reuid=epmd --regid=epmd --init-groups epmd & } && "
+        "exec setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups "
+        f"env HOME={tmp}/rabbitmq/home RABBITMQ_MNESIA_BASE={tmp}/rabbitmq/mnesia "
+        f"RABBITMQ_LOG_BASE={tmp}/rabbitmq/log RABBITMQ_LOGS=- "
+        "/usr/lib/rabbitmq/bin/rabbitmq-server"
+    ),
+    wrong="overexposed",
+    file="/etc/rabbitmq/rabbitmq.conf",
+    line=lambda tmp: 0,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+    id="rabbitmq",
+)
+
+
 DAEMONS = [
     REDIS,
     NGINX,
@@ -564,6 +601,7 @@ DAEMONS = [
     CADDY,
     DNSMASQ,
     CHRONY,
+    RABBITMQ,
 ]
 
 

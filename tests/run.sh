@@ -40,6 +40,7 @@ if [ "$(id -u)" = 0 ]; then
     command -v caddy >/dev/null || daemons+=(caddy)
     # dnsmasq-base alone (NetworkManager's, libvirt's) has the binary, not /etc/dnsmasq.conf
     [ -f /etc/dnsmasq.conf ] || daemons+=(dnsmasq)
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || daemons+=(rabbitmq-server)
     if ! command -v chronyd >/dev/null; then
         # chrony conflicts with every other time-daemon: it would remove the host's own
         # (systemd-timesyncd, ntpsec), and the loop below would then leave it with none
@@ -78,12 +79,16 @@ if [ "$(id -u)" = 0 ]; then
             for pkg in "${daemons[@]}"; do
                 case $pkg in
                     chromium) continue ;;
-                    mariadb-server) unit=mariadb ;;
-                    postgresql-15) unit=postgresql ;;
-                    openssh-server) unit=ssh ;;
-                    *) unit=$pkg ;;
+                    mariadb-server) units=mariadb ;;
+                    postgresql-15) units=postgresql ;;
+                    openssh-server) units=ssh ;;
+                    # erlang-base's epmd listens from a socket unit of its own
+                    rabbitmq-server) units="rabbitmq-server epmd.socket epmd.service" ;;
+                    *) units=$pkg ;;
                 esac
-                systemctl disable --now "$unit" 2>/dev/null || true
+                for unit in $units; do
+                    systemctl disable --now "$unit" 2>/dev/null || true
+                done
             done
         fi
     fi

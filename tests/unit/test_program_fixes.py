@@ -1,5 +1,6 @@
-"""The bind fixes of sshd, Caddy, dnsmasq and chrony (pure): where each sets its listen address in
-the package's own files (Debian's layout), and the edit that moves it, for both families."""
+"""The bind fixes of sshd, Caddy, dnsmasq, chrony and RabbitMQ (pure): where each sets its
+listen address in the package's own files (Debian's layout), and the edit that moves it, for
+both families."""
 
 from __future__ import annotations
 
@@ -336,3 +337,53 @@ def test_chrony_command_port_widened_gets_the_other_family_and_a_word_on_cmdallo
         f"sed -i '2a bindcmdaddress ::' {CHRONY_CONF}",
     )
     assert "`cmdallow` the clients" in fix.summary
+
+
+# --- RabbitMQ ---
+
+BEAM = proc("/usr/lib/erlang/erts-13.1.5/bin/beam.smp", "-W", "w", "--", "-root",
+            "/usr/lib/erlang", "-progname", "erl", "--", "-noinput", "-s", "rabbit", "boot",
+            name="beam.smp")  # fmt: skip
+RABBIT_CONF = "/etc/rabbitmq/rabbitmq.conf"
+
+
+def test_rabbitmq_without_its_config_file_gets_one_with_both_loopbacks():
+    # Debian's package ships rabbitmq-env.conf alone: sed has no file to edit
+    tree = {"/etc/rabbitmq/rabbitmq-env.conf": "#NODE_IP_ADDRESS=127.0.0.1\n"}
+    (fix,) = bind_change(culprit(BEAM, tree, 5672), 5672, "127.0.0.1")
+    assert (fix.file, fix.line, fix.setting) == (RABBIT_CONF, 0, "listeners.tcp.2 = ::1:5672")
+    assert fix.commands == (
+        "printf '%s\\n' 'listeners.tcp.1 = 127.0.0.1:5672' 'listeners.tcp.2 = ::1:5672' "
+        f">> {RABBIT_CONF}",
+    )
+
+
+def test_rabbitmq_narrowed_keeps_its_listeners_names_and_adds_the_other_loopback():
+    tree = {RABBIT_CONF: "loopback_users.guest = true\nlisteners.tcp.default = 0.0.0.0:5672\n"}
+    (fix,) = bind_change(culprit(BEAM, tree, 5672), 5672, "127.0.0.1")
+    assert (fix.line, fix.setting) == (2, "listeners.tcp.default = 127.0.0.1:5672")
+    assert fix.commands == (
+        f"sed -i '2s/.*/listeners.tcp.default = 127.0.0.1:5672/' {RABBIT_CONF}",
+        f"sed -i '2a listeners.tcp.1 = ::1:5672' {RABBIT_CONF}",
+    )
+
+
+def test_rabbitmq_listeners_beyond_the_loopbacks_are_commented_out():
+    tree = {RABBIT_CONF: "listeners.tcp.a = 198.51.100.1:5672\nlisteners.tcp.b = :::5672\n"
+                         "listeners.tcp.c = 5672\nlisteners.tcp.tls = 5671\n"}  # fmt: skip
+    fixes = bind_change(culprit(BEAM, tree, 5672), 5672, "127.0.0.1")
+    assert config(fixes) == [
+        (RABBIT_CONF, 1, "listeners.tcp.a = 127.0.0.1:5672",
+         (f"sed -i '1s/.*/listeners.tcp.a = 127.0.0.1:5672/' {RABBIT_CONF}",)),
+        (RABBIT_CONF, 2, "listeners.tcp.b = ::1:5672",
+         (f"sed -i '2s/.*/listeners.tcp.b = ::1:5672/' {RABBIT_CONF}",)),
+        (RABBIT_CONF, 3, "#listeners.tcp.c = 5672",
+         (f"sed -i '3s/.*/#listeners.tcp.c = 5672/' {RABBIT_CONF}",)),
+    ]  # fmt: skip
+
+
+def test_rabbitmq_widened_listens_on_its_port_alone():
+    # a port without an address: every address of both families
+    tree = {RABBIT_CONF: "listeners.tcp.default = 127.0.0.1:5672\n"}
+    (fix,) = bind_change(culprit(BEAM, tree, 5672), 5672, "0.0.0.0")
+    assert fix.commands == (f"sed -i '1s/.*/listeners.tcp.default = 5672/' {RABBIT_CONF}",)

@@ -428,20 +428,7 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
                     setting=new,
                 )
             ]
-        new = f"listeners.tcp.default = {h}"
-        if c.settings:
-            return [
-                _edit(s, new, "make RabbitMQ listen on " + h, "restart RabbitMQ")
-                for s in c.settings
-            ]
-        return [
-            Fix(
-                "config",
-                f"`{new}` in /etc/rabbitmq/rabbitmq.conf, then restart RabbitMQ",
-                file="/etc/rabbitmq/rabbitmq.conf",
-                setting=new,
-            )
-        ]
+        return _rabbitmq(c, port, host)
     if kind == "caddy":
         return _caddy(c, port, host)
     if kind == "dnsmasq":
@@ -724,6 +711,81 @@ def _chrony(c: Culprit, port: int, host: str) -> list[Fix] | None:
         extra = f"{name} {'0.0.0.0' if True in sixes else '::'}"
         f = fixes[-1]
         fixes[-1] = dataclasses.replace(
+            f,
+            summary=f.summary.replace(", then ", f" and `{extra}` after it, then ", 1),
+            commands=(*f.commands, _sed_after(last.file, last.line, _indent(last.text) + extra)),
+        )
+    return fixes
+
+
+# --- RabbitMQ: listeners.tcp.NAME lines; a port alone is every address of both families ---
+
+RABBITMQ_RESTART = "restart RabbitMQ"
+
+
+def _rabbit_value(address: str, port: int) -> str:
+    # RabbitMQ's own form: the last colon parts the port (`::1:5672`)
+    return f"{address}:{port}" if address else str(port)
+
+
+def _append(file: str, lines: list[str], missing: bool) -> tuple[str, ...]:
+    """Commands that add lines at the end of a file, or write it when it is missing."""
+    if missing:
+        return (f"printf '%s\\n' {' '.join(shlex.quote(line) for line in lines)} >> "
+                f"{shlex.quote(file)}",)  # fmt: skip
+    return tuple(_sed_line(file, 0, line) for line in lines)
+
+
+def _rabbitmq(c: Culprit, port: int, host: str) -> list[Fix]:
+    conf = "/etc/rabbitmq/rabbitmq.conf"
+    # both loopbacks by address; every address is the port alone (both families)
+    wide = "" if _wide(host) else host
+    targets = ["127.0.0.1", "::1"] if host == "127.0.0.1" else [wide]
+    values = [_rabbit_value(t, port) for t in targets]
+    where = " and ".join(t or "every address" for t in targets)
+    located = [s for s in c.settings if s.line]
+    if not located:
+        s = c.settings[0] if c.settings else Setting(conf, 0, "")
+        lines = [f"listeners.tcp.{n} = {v}" for n, v in enumerate(values, 1)]
+        said = " and ".join(f"`{line}`" for line in lines)
+        how = "a file of its own (there is none now)" if s.missing else "it (not set there now)"
+        return [
+            Fix(
+                "config",
+                f"make RabbitMQ listen on {where}: {said} in {s.file}, {how}, then "
+                f"{RABBITMQ_RESTART}",
+                file=s.file,
+                setting=lines[-1],
+                commands=_append(s.file, lines, s.missing) if c.settings else (),
+            )
+        ]
+    fixes = []
+    for s, value in zip(located, values, strict=False):
+        fixes.append(
+            _edit(s, f"listeners.tcp.{s.directive} = {value}", f"make RabbitMQ listen on "
+                  f"{where}", RABBITMQ_RESTART)
+        )  # fmt: skip
+    for s in located[len(values) :]:
+        # a further listener would still listen where it did
+        old = s.text.strip()
+        fixes.append(
+            Fix(
+                "config",
+                f"comment out `{old}` in {s.file} line {s.line}, then {RABBITMQ_RESTART}",
+                file=s.file,
+                line=s.line,
+                setting=_indent(s.text) + "#" + old,
+                commands=(_sed_line(s.file, s.line, _indent(s.text) + "#" + old),),
+            )
+        )
+    if len(values) > len(located):
+        # the other loopback on a line of its own, under a name no listener has yet
+        last = located[-1]
+        names = {s.directive for s in located}
+        name = next(str(n) for n in range(1, len(names) + 2) if str(n) not in names)
+        extra = f"listeners.tcp.{name} = {values[-1]}"
+        f = fixes[len(located) - 1]
+        fixes[len(located) - 1] = dataclasses.replace(
             f,
             summary=f.summary.replace(", then ", f" and `{extra}` after it, then ", 1),
             commands=(*f.commands, _sed_after(last.file, last.line, _indent(last.text) + extra)),

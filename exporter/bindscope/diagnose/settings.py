@@ -31,6 +31,7 @@ class Setting:
     first: bool = False  # when absent, add it as the first line (sshd: never inside a Match)
     indent: str = ""  # the indentation a line added after `section_line` takes (a block's)
     directive: str = ""  # which of a program's several settings this is (dnsmasq's)
+    missing: bool = False  # the file itself is absent (Debian ships no rabbitmq.conf)
 
 
 @dataclass(frozen=True)
@@ -517,13 +518,17 @@ def memcached(files: Files, path: str, process: ProcessInfo) -> tuple[Setting, .
 
 
 def rabbitmq(files: Files, path: str, port: int) -> tuple[Setting, ...]:
+    """`listeners.tcp.NAME = [ADDRESS:]PORT` lines for the port in rabbitmq.conf; with
+    none, where one goes: the file, which Debian's package does not ship (the default,
+    every address of both families, applies then)."""
+    text = files.read(path)
     found = [
-        Setting(path, n, line, m.group(1))
-        for n, line in enumerate(_lines(files, path) or [], 1)
-        if (m := re.match(r"^listeners\.tcp\.\w+\s*=\s*(\S+)", _uncomment(line)))
-        and _host_port(m.group(1)) == port
+        Setting(path, n, line, m.group(2), directive=m.group(1))
+        for n, line in enumerate((text or "").splitlines(), 1)
+        if (m := re.match(r"^listeners\.tcp\.(\w+)\s*=\s*(\S+)", _uncomment(line)))
+        and _host_port(m.group(2)) == port
     ]
-    return tuple(found) or ((Setting(path, 0, ""),) if files.read(path) is not None else ())
+    return tuple(found) or (Setting(path, 0, "", missing=text is None),)
 
 
 def epmd(files: Files, path: str, port: int) -> tuple[Setting, ...]:
