@@ -587,6 +587,31 @@ RABBITMQ = Daemon(
 )
 
 
+# --- epmd, started by the RabbitMQ node itself (no systemd socket), declared loopback ---
+
+EPMD = Daemon(
+    name="epmd",
+    port=4369,
+    expose="loopback",
+    binary="epmd",
+    mounts=("/etc/rabbitmq",),
+    setup=rabbitmq_setup,
+    # where no epmd.socket runs (a container), the node starts `epmd -daemon` in its own
+    # environment, which rabbitmq-env.conf's ERL_EPMD_ADDRESS reaches
+    command=lambda tmp: (
+        "exec setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups "
+        f"env HOME={tmp}/rabbitmq/home RABBITMQ_MNESIA_BASE={tmp}/rabbitmq/mnesia "
+        f"RABBITMQ_LOG_BASE={tmp}/rabbitmq/log RABBITMQ_LOGS=- "
+        "/usr/lib/rabbitmq/bin/rabbitmq-server"
+    ),
+    wrong="overexposed",
+    file="/etc/rabbitmq/rabbitmq-env.conf",
+    line=lambda tmp: 0,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+)
+
+
 DAEMONS = [
     REDIS,
     NGINX,
@@ -602,6 +627,7 @@ DAEMONS = [
     DNSMASQ,
     CHRONY,
     RABBITMQ,
+    EPMD,
 ]
 
 
@@ -671,6 +697,19 @@ class Running:
             os.killpg(group, signal.SIGKILL)
         self.proc.wait(timeout=10)
         self.proc = None
+        self._stop_the_rest()
+
+    def _stop_the_rest(self) -> None:
+        """What left the group (epmd -daemon, which the Erlang node starts, is a session of
+        its own) goes too: nothing else of the test runs in the server namespace now."""
+        deadline = time.monotonic() + 30
+        while pids := run("ip", "netns", "pids", self.hosts.server, check=False).stdout.split():
+            late = time.monotonic() - deadline
+            assert late < 30, f"still running in {self.hosts.server}: {pids}"
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL if late > 0 else signal.SIGTERM)
+            time.sleep(0.1)
 
     @staticmethod
     def _alive(group: int) -> bool:
