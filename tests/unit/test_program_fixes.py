@@ -304,7 +304,7 @@ DEBIAN_CHRONY = (
 def test_chrony_finds_the_command_ports_address_through_confdir_and_include():
     tree = {
         CHRONY_CONF: DEBIAN_CHRONY + "include /etc/chrony/local/*.conf\n",
-        "/etc/chrony/conf.d/monitoring.conf": "bindcmdaddress 0.0.0.0\ncmdallow 10.0.0.0/8\n",
+        "/etc/chrony/conf.d/monitoring.conf": "bindcmdaddress\t0.0.0.0\ncmdallow 10.0.0.0/8\n",
         "/etc/chrony/conf.d/README": "bindcmdaddress 0.0.0.0\n",  # not *.conf
         "/etc/chrony/local/sock.conf": "bindcmdaddress /run/chrony/chronyd.sock\n",
     }

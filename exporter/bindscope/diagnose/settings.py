@@ -461,7 +461,7 @@ def _dnsmasq_dir(files: Files, value: str) -> list[str]:
         name = os.path.basename(p)
         if name.startswith((".", "#")) or name.endswith("~"):
             continue
-        if (take and not name.endswith(tuple(take))) or name.endswith(tuple(skip) or ("\0",)):
+        if (take and not name.endswith(tuple(take))) or (skip and name.endswith(tuple(skip))):
             continue
         found.append(p)
     return found
@@ -540,7 +540,6 @@ def epmd(files: Files, path: str, port: int) -> tuple[Setting, ...]:
     return _last(found, Setting(path, 0, ""))
 
 
-_CHRONY_INCLUDE = re.compile(r"^(include|confdir)\s+(.+)$")
 _CHRONY_PORTS = {"port": 123, "cmdport": 323, "ntsport": 4460}
 
 
@@ -548,7 +547,7 @@ def chrony(files: Files, path: str, port: int) -> tuple[Setting, ...]:
     """`bindcmdaddress` for the command port, `bindaddress` for the NTP port (and NTS-KE's),
     in chrony.conf, its `include`s and the `*.conf` of its `confdir`s; with none, where
     one goes. A port chronyd does not serve (by its `port`/`cmdport`/`ntsport`): ()."""
-    read: list[tuple[str, int, str, str]] = []  # file, line, text, the line uncommented
+    read: list[tuple[str, int, str, str, str]] = []  # file, line, text, directive, value
     seen: set[str] = set()
 
     def visit(p: str) -> None:
@@ -556,13 +555,16 @@ def chrony(files: Files, path: str, port: int) -> tuple[Setting, ...]:
             return
         seen.add(p)
         for n, line in enumerate(_lines(files, p) or [], 1):
-            text = _uncomment(line)
-            m = _CHRONY_INCLUDE.match(text)
-            if not m:
-                read.append((p, n, line, text))
+            name, value = ([*_uncomment(line).split(None, 1), "", ""])[:2]
+            value = value.strip()
+            if name == "include" and value:
+                targets = [value]
+            elif name == "confdir" and value:
+                targets = [os.path.join(d, "*.conf") for d in value.split()]
+            else:
+                read.append((p, n, line, name, value))
                 continue
-            for target in m.group(2).split() if m.group(1) == "confdir" else [m.group(2)]:
-                pattern = os.path.join(target, "*.conf") if m.group(1) == "confdir" else target
+            for pattern in targets:
                 for q in files.listing(files.absolute(pattern, os.path.dirname(p))):
                     visit(q)
 
@@ -570,10 +572,9 @@ def chrony(files: Files, path: str, port: int) -> tuple[Setting, ...]:
         return ()
     visit(path)
     ports = dict(_CHRONY_PORTS)
-    for _, _, _, text in read:
-        name, _, value = text.partition(" ")
-        if name in ports and value.strip().isdigit():
-            ports[name] = int(value.strip())
+    for *_, name, value in read:
+        if name in ports and value.isdigit():
+            ports[name] = int(value)
     if port == ports["cmdport"]:
         directive = "bindcmdaddress"
     elif port in (ports["port"], ports["ntsport"]):
@@ -582,10 +583,9 @@ def chrony(files: Files, path: str, port: int) -> tuple[Setting, ...]:
         return ()
     found = [
         Setting(p, n, line, value, directive=directive)
-        for p, n, line, text in read
-        if (value := text.partition(" ")[2].strip())
-        and text.partition(" ")[0] == directive
-        and not value.startswith("/")  # the command socket's path, not an address
+        for p, n, line, name, value in read
+        # a path is the command socket's, not an address
+        if name == directive and value and not value.startswith("/")
     ]
     return tuple(found) or (Setting(path, 0, "", directive=directive),)
 
