@@ -28,6 +28,8 @@ REFUSED = "ConnectionRefusedError: [Errno 111] Connection refused"
 TIMED_OUT = "TimeoutError: timed out"
 START_DEADLINE = 60.0  # seconds for a daemon to accept on loopback; generous for CI
 PG_BIN = "/usr/lib/postgresql/15/bin"
+# a DNS query (id 0x6273, recursion desired) for localhost's A record
+DNS_QUERY = bytes.fromhex("627301000001000000000000") + b"\x09localhost\x00\x00\x01\x00\x01"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,16 @@ class Daemon:
     line: Callable[[Path], int]  # the line of the wrong setting in that file
     client_after: str  # what the client namespace gets after the fix: "ok" or REFUSED
     loopback: tuple[str, ...] = ("127.0.0.1",)  # loopback addresses that must accept
+    # a request it answers over UDP too: the service is declared for UDP as well, and the
+    # datagram is sent where the TCP connects go
+    datagram: bytes = b""
+    tcp: bool = True  # False: a UDP service alone, checked with the datagram alone
+    fixes: int = 1  # config fixes: one per line that sets where it listens
+    id: str = ""  # the test's id, where the binary's name alone repeats
+
+    @property
+    def test_id(self) -> str:
+        return self.id or self.binary.rsplit("/")[-1]
 
 
 def _edit(path: Path, pattern: str, replacement: str) -> None:
@@ -342,7 +354,281 @@ APACHE = Daemon(
     client_after="ok",
 )
 
-DAEMONS = [REDIS, NGINX, POSTGRES, MARIADB, MEMCACHED, MOSQUITTO, HAPROXY, APACHE]
+
+# --- OpenSSH: Debian's two commented ListenAddress lines uncommented, declared loopback ---
+
+
+def _sshd_copy(tmp: Path) -> Path:
+    ssh = tmp / "etc/ssh"
+    ssh.mkdir(parents=True)
+    # the package's config, not the host's keys: the copy gets host keys of its own
+    for name in ("sshd_config", "moduli"):
+        shutil.copy2(f"/etc/ssh/{name}", ssh / name)
+    shutil.copytree("/etc/ssh/sshd_config.d", ssh / "sshd_config.d", symlinks=True)
+    run("ssh-keygen", "-A", "-f", str(tmp))  # writes tmp/etc/ssh/ssh_host_*_key
+    return ssh
+
+
+def sshd_setup(tmp: Path) -> None:
+    conf = _sshd_copy(tmp) / "sshd_config"
+    # "listen on both families, explicitly": the lines Debian ships commented out
+    _edit(conf, r"^#ListenAddress 0\.0\.0\.0$", "ListenAddress 0.0.0.0")
+    _edit(conf, r"^#ListenAddress ::$", "ListenAddress ::")
+
+
+# its privilege separation directory (the unit's RuntimeDirectory) on a tmpfs of the private
+# mount namespace, never the host's /run; by absolute path, as sshd re-executes itself
+SSHD_COMMAND = "mount -t tmpfs tmpfs /run && mkdir -m 0755 /run/sshd && exec /usr/sbin/sshd -D -e"
+
+SSHD = Daemon(
+    name="ssh",
+    port=22,
+    expose="loopback",
+    binary="sshd",
+    mounts=("/etc/ssh",),
+    setup=sshd_setup,
+    command=lambda tmp: SSHD_COMMAND,
+    wrong="overexposed",
+    file="/etc/ssh/sshd_config",
+    line=lambda tmp: _line_of(tmp / "etc/ssh/sshd_config", r"^ListenAddress "),
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+    fixes=2,
+)
+
+
+# --- OpenSSH: `ListenAddress 127.0.0.1` in a drop-in of sshd_config.d, declared private ---
+
+SSHD_DROP_IN = "/etc/ssh/sshd_config.d/tunnels-only.conf"
+
+
+def sshd_local_setup(tmp: Path) -> None:
+    # once for tunnels alone; now the bastion on the private network must get in
+    ssh = _sshd_copy(tmp)
+    (tmp / SSHD_DROP_IN.lstrip("/")).write_text(
+        "# ssh through tunnels only\nListenAddress 127.0.0.1\n"
+    )
+    assert (ssh / "sshd_config.d").is_dir()
+
+
+SSHD_LOCAL = Daemon(
+    name="ssh",
+    port=22,
+    expose="private",
+    binary="sshd",
+    mounts=("/etc/ssh",),
+    setup=sshd_local_setup,
+    command=lambda tmp: SSHD_COMMAND,
+    wrong="loopback_only",
+    file=SSHD_DROP_IN,
+    line=lambda tmp: 2,
+    client_after="ok",
+    loopback=("127.0.0.1", "::1"),
+    id="sshd-drop-in",
+)
+
+
+# --- Caddy: a `:8080` site added to Debian's Caddyfile, for this host alone ---
+
+CADDY_SITE = """
+# the shop's status page, for this host's monitoring alone
+:8080 {
+\trespond "ok"
+}
+"""
+
+
+def caddy_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/caddy", tmp / "etc/caddy", symlinks=True)
+    caddyfile = tmp / "etc/caddy/Caddyfile"
+    caddyfile.write_text(caddyfile.read_text() + CADDY_SITE)
+    for d in ("data", "config"):
+        (tmp / d).mkdir()
+
+
+CADDY = Daemon(
+    name="status",
+    port=8080,
+    expose="loopback",
+    binary="caddy",
+    mounts=("/etc/caddy",),
+    setup=caddy_setup,
+    # as Debian's unit runs it; its storage (certificates, autosave) in the temp dir. Its
+    # sites name ports alone: plain HTTP, no certificate is ever asked for
+    command=lambda tmp: (
+        f"exec env HOME={tmp} XDG_DATA_HOME={tmp}/data XDG_CONFIG_HOME={tmp}/config "
+        "caddy run --environ --config /etc/caddy/Caddyfile"
+    ),
+    wrong="overexposed",
+    file="/etc/caddy/Caddyfile",
+    line=lambda tmp: 0,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+)
+
+
+# --- dnsmasq: Debian's dnsmasq.conf (DNS on every interface), a resolver for this host alone ---
+
+DNSMASQ_CONF = "/etc/dnsmasq.conf"
+
+
+def dnsmasq_setup(tmp: Path) -> None:
+    # /etc/dnsmasq.conf lies in /etc itself: an overlay on /etc, as for memcached
+    upper = tmp / "etc-upper"
+    upper.mkdir()
+    (tmp / "etc-work").mkdir()
+    shutil.copy2(DNSMASQ_CONF, upper / "dnsmasq.conf")
+
+
+DNSMASQ = Daemon(
+    name="dns",
+    port=53,
+    expose="loopback",
+    binary="dnsmasq",
+    mounts=(),
+    setup=dnsmasq_setup,
+    # the arguments of Debian's systemd-helper, in the foreground and with the pid file in
+    # the temp dir; --no-resolv: no upstream servers, so no query leaves the namespace (and
+    # /etc/resolv.conf is not read); no DHCP is configured
+    command=lambda tmp: (
+        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp}/etc-upper,"
+        f"workdir={tmp}/etc-work /etc && "
+        f"exec dnsmasq --keep-in-foreground --log-facility=- --no-resolv "
+        f"-x {tmp}/dnsmasq.pid -u dnsmasq -7 /etc/dnsmasq.d,.dpkg-dist,.dpkg-old,.dpkg-new "
+        "--local-service"
+    ),
+    wrong="overexposed",
+    file=DNSMASQ_CONF,
+    line=lambda tmp: 0,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+    datagram=DNS_QUERY,
+)
+
+# --- chrony: its command port opened to the monitoring network in conf.d, declared loopback ---
+
+# chronyc's `tracking` request (protocol version 6, padded as chronyd wants it)
+CHRONYC_TRACKING = bytes.fromhex("060100000021000074441115") + bytes(92)
+
+
+def chrony_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/chrony", tmp / "etc/chrony", symlinks=True)
+    conf = tmp / "etc/chrony/chrony.conf"
+    # the test's: no time source (no traffic beyond the namespaces), its state in the temp
+    # dir, and (beside -x) nothing that would touch the host's clock
+    _edit(conf, r"^pool .*$", "")
+    _edit(conf, r"^(driftfile|ntsdumpdir|logdir) .*$", rf"\1 {tmp}/chrony")
+    _edit(conf, r"^(rtcsync|makestep .*)$", "")
+    (tmp / "chrony").mkdir()
+    shutil.chown(tmp / "chrony", "_chrony", "_chrony")
+    # the admin's change, where Debian's confdir reads it: chronyc from the monitoring host
+    (tmp / "etc/chrony/conf.d/monitoring.conf").write_text(
+        "# chronyc from the monitoring host\nbindcmdaddress 0.0.0.0\ncmdallow 198.51.100.0/24\n"
+    )
+
+
+CHRONY = Daemon(
+    name="chrony-cmd",
+    port=323,
+    expose="loopback",
+    binary="chronyd",
+    mounts=("/etc/chrony",),
+    setup=chrony_setup,
+    # as Debian's unit runs it (-F 1), in the foreground, never controlling the clock (-x);
+    # its pid file and socket in /run/chrony on a tmpfs of the private mount namespace
+    command=lambda tmp: (
+        "mount -t tmpfs tmpfs /run && mkdir -m 0750 /run/chrony && "
+        "chown _chrony:_chrony /run/chrony && exec chronyd -d -x -F 1"
+    ),
+    wrong="overexposed",
+    file="/etc/chrony/conf.d/monitoring.conf",
+    line=lambda tmp: 2,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+    datagram=CHRONYC_TRACKING,
+    tcp=False,
+)
+
+
+# --- RabbitMQ: Debian's package as installed (no rabbitmq.conf: AMQP on every address) ---
+
+
+def rabbitmq_setup(tmp: Path) -> None:
+    shutil.copytree("/etc/rabbitmq", tmp / "etc/rabbitmq", symlinks=True)
+    # its database, logs and Erlang cookie in the temp dir, written as its own user
+    for d in ("home", "mnesia", "log"):
+        (tmp / "rabbitmq" / d).mkdir(parents=True)
+    for d in (tmp / "rabbitmq", *(tmp / "rabbitmq").iterdir()):
+        shutil.chown(d, "rabbitmq", "rabbitmq")
+
+
+RABBITMQ = Daemon(
+    name="amqp",
+    port=5672,
+    expose="loopback",
+    binary="/usr/lib/rabbitmq/bin/rabbitmq-server",
+    mounts=("/etc/rabbitmq",),
+    setup=rabbitmq_setup,
+    # as Debian's units run them: epmd (its own unit) beside the node, each as its own user;
+    # epmd in the foreground here, so it is in the daemon's process group and stops with it
+    command=lambda tmp: (
+        "{ setpriv --reuid=epmd --regid=epmd --init-groups epmd & } && "
+        "exec setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups "
+        f"env HOME={tmp}/rabbitmq/home RABBITMQ_MNESIA_BASE={tmp}/rabbitmq/mnesia "
+        f"RABBITMQ_LOG_BASE={tmp}/rabbitmq/log RABBITMQ_LOGS=- "
+        "/usr/lib/rabbitmq/bin/rabbitmq-server"
+    ),
+    wrong="overexposed",
+    file="/etc/rabbitmq/rabbitmq.conf",
+    line=lambda tmp: 0,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+    id="rabbitmq",
+)
+
+
+# --- epmd, started by the RabbitMQ node itself (no systemd socket), declared loopback ---
+
+EPMD = Daemon(
+    name="epmd",
+    port=4369,
+    expose="loopback",
+    binary="epmd",
+    mounts=("/etc/rabbitmq",),
+    setup=rabbitmq_setup,
+    # where no epmd.socket runs (a container), the node starts `epmd -daemon` in its own
+    # environment, which rabbitmq-env.conf's ERL_EPMD_ADDRESS reaches
+    command=lambda tmp: (
+        "exec setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups "
+        f"env HOME={tmp}/rabbitmq/home RABBITMQ_MNESIA_BASE={tmp}/rabbitmq/mnesia "
+        f"RABBITMQ_LOG_BASE={tmp}/rabbitmq/log RABBITMQ_LOGS=- "
+        "/usr/lib/rabbitmq/bin/rabbitmq-server"
+    ),
+    wrong="overexposed",
+    file="/etc/rabbitmq/rabbitmq-env.conf",
+    line=lambda tmp: 0,
+    client_after=REFUSED,
+    loopback=("127.0.0.1", "::1"),
+)
+
+
+DAEMONS = [
+    REDIS,
+    NGINX,
+    POSTGRES,
+    MARIADB,
+    MEMCACHED,
+    MOSQUITTO,
+    HAPROXY,
+    APACHE,
+    SSHD,
+    SSHD_LOCAL,
+    CADDY,
+    DNSMASQ,
+    CHRONY,
+    RABBITMQ,
+    EPMD,
+]
 
 
 class Running:
@@ -371,12 +657,21 @@ class Running:
 
     def wait_accepting(self) -> None:
         """Until it accepts on 127.0.0.1 (one bounded loop inside the namespace)."""
+        d = self.daemon
+        # a UDP daemon accepts when it answers its request
+        attempt = (
+            f"socket.create_connection(('127.0.0.1',{d.port}),1).close()"
+            if d.tcp
+            else "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(1);"
+            f"s.connect(('127.0.0.1',{d.port}));s.send(bytes.fromhex({d.datagram.hex()!r}));"
+            "s.recv(4096);s.close()"
+        )
         code = (
             "import socket,sys,time\n"
             f"end=time.monotonic()+{START_DEADLINE}\n"
             "while time.monotonic()<end:\n"
             "    try:\n"
-            f"        socket.create_connection(('127.0.0.1',{self.daemon.port}),1).close()\n"
+            f"        {attempt}\n"
             "        sys.exit(0)\n"
             "    except OSError:\n"
             "        time.sleep(0.1)\n"
@@ -402,6 +697,19 @@ class Running:
             os.killpg(group, signal.SIGKILL)
         self.proc.wait(timeout=10)
         self.proc = None
+        self._stop_the_rest()
+
+    def _stop_the_rest(self) -> None:
+        """What left the group (epmd -daemon, which the Erlang node starts, is a session of
+        its own) goes too: nothing else of the test runs in the server namespace now."""
+        deadline = time.monotonic() + 30
+        while pids := run("ip", "netns", "pids", self.hosts.server, check=False).stdout.split():
+            late = time.monotonic() - deadline
+            assert late < 30, f"still running in {self.hosts.server}: {pids}"
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL if late > 0 else signal.SIGTERM)
+            time.sleep(0.1)
 
     @staticmethod
     def _alive(group: int) -> bool:
@@ -428,10 +736,15 @@ def running_fixture(two_hosts: TwoHosts, shared_dir: Path, request) -> Iterator[
     require_binary(daemon.binary, "unshare", "nsenter", "setpriv")
     daemon.setup(workdir)
     r = Running(two_hosts, daemon, workdir)
-    (workdir / "bindscope.yml").write_text(
-        "probe:\n  timeout: 500ms\nservices:\n"
-        f"  - {{name: {daemon.name}, port: {daemon.port}, expose: {daemon.expose}}}\n"
-    )
+    services = ""
+    if daemon.tcp:
+        services += f"  - {{name: {daemon.name}, port: {daemon.port}, expose: {daemon.expose}}}\n"
+    if daemon.datagram:
+        services += (
+            f"  - {{name: {daemon.name}-udp, port: {daemon.port}, protocol: udp, "
+            f"expose: {daemon.expose}}}\n"
+        )
+    (workdir / "bindscope.yml").write_text("probe:\n  timeout: 500ms\nservices:\n" + services)
     try:
         r.start()
         yield r
@@ -450,7 +763,9 @@ def tool(r: Running, *args: str) -> tuple[int, str]:
 
 
 def status(r: Running) -> str:
-    return json.loads(tool(r, "scan", "--json")[1])["services"][0]["status"]
+    """The services' status: one word when they agree (a UDP twin's too), else each."""
+    found = {s["status"] for s in json.loads(tool(r, "scan", "--json")[1])["services"]}
+    return ",".join(sorted(found))
 
 
 def diagnose(r: Running) -> dict:
@@ -460,11 +775,42 @@ def diagnose(r: Running) -> dict:
     return doc
 
 
-def loopback(r: Running, address: str) -> str:
-    code = f"import socket;socket.create_connection(({address!r},{r.daemon.port}),2).close()"
-    p = r.hosts.exec(r.hosts.server, sys.executable, "-c", code, check=False)
+def _datagram(r: Running, ns: str, address: str) -> str:
+    """The daemon's request over UDP from namespace `ns`: 'ok' when an answer comes."""
+    family = "AF_INET6" if ":" in address else "AF_INET"
+    code = (
+        "import socket\n"
+        f"s=socket.socket(socket.{family},socket.SOCK_DGRAM)\n"
+        "s.settimeout(2)\n"
+        f"s.connect(({address!r},{r.daemon.port}))\n"
+        f"s.send(bytes.fromhex({r.daemon.datagram.hex()!r}))\n"
+        "s.recv(4096)\n"
+    )
+    p = r.hosts.exec(ns, sys.executable, "-c", code, check=False)
     return "ok" if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
 
 
+def _connect(r: Running, ns: str, address: str) -> str:
+    code = f"import socket;socket.create_connection(({address!r},{r.daemon.port}),2).close()"
+    p = r.hosts.exec(ns, sys.executable, "-c", code, check=False)
+    return "ok" if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
+
+
+def _reach(r: Running, ns: str, address: str) -> str:
+    """What a client in `ns` gets on address:port: one word when TCP and UDP agree."""
+    words = {}
+    if r.daemon.tcp:
+        words["tcp"] = _connect(r, ns, address)
+    if r.daemon.datagram:
+        words["udp"] = _datagram(r, ns, address)
+    if len(set(words.values())) == 1:
+        return next(iter(words.values()))
+    return "; ".join(f"{proto}: {word}" for proto, word in words.items())
+
+
+def loopback(r: Running, address: str) -> str:
+    return _reach(r, r.hosts.server, address)
+
+
 def clients(r: Running) -> dict[str, str]:
-    return {a: r.hosts.connect(a, r.daemon.port) for a in (TwoHosts.SERVER4, TwoHosts.SERVER6)}
+    return {a: _reach(r, r.hosts.client, a) for a in (TwoHosts.SERVER4, TwoHosts.SERVER6)}

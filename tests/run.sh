@@ -39,6 +39,22 @@ if [ "$(id -u)" = 0 ]; then
     command -v mosquitto >/dev/null || daemons+=(mosquitto)
     command -v haproxy >/dev/null || daemons+=(haproxy)
     command -v apache2 >/dev/null || daemons+=(apache2)
+    command -v sshd >/dev/null || daemons+=(openssh-server)
+    command -v caddy >/dev/null || daemons+=(caddy)
+    # dnsmasq-base alone (NetworkManager's, libvirt's) has the binary, not /etc/dnsmasq.conf
+    [ -f /etc/dnsmasq.conf ] || daemons+=(dnsmasq)
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || daemons+=(rabbitmq-server)
+    if ! command -v chronyd >/dev/null; then
+        # chrony conflicts with every other time-daemon: it would remove the host's own
+        # (systemd-timesyncd, ntpsec), and the loop below would then leave it with none
+        other=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Provides}\n' 2>/dev/null |
+            awk '$1 == "ii" && / time-daemon/ {print $2; exit}' || true)
+        if [ -z "$other" ]; then
+            daemons+=(chrony)
+        else
+            echo "run.sh: not installing chrony: it would replace this host's $other" >&2
+        fi
+    fi
     if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ]; then
         apt-get update -qq
     fi
@@ -66,11 +82,16 @@ if [ "$(id -u)" = 0 ]; then
             for pkg in "${daemons[@]}"; do
                 case $pkg in
                     chromium) continue ;;
-                    mariadb-server) unit=mariadb ;;
-                    postgresql-15) unit=postgresql ;;
-                    *) unit=$pkg ;;
+                    mariadb-server) units=mariadb ;;
+                    postgresql-15) units=postgresql ;;
+                    openssh-server) units=ssh ;;
+                    # erlang-base's epmd listens from a socket unit of its own
+                    rabbitmq-server) units="rabbitmq-server epmd.socket epmd.service" ;;
+                    *) units=$pkg ;;
                 esac
-                systemctl disable --now "$unit" 2>/dev/null || true
+                for unit in $units; do
+                    systemctl disable --now "$unit" 2>/dev/null || true
+                done
             done
             # D-Bus activation (its dbus-org.fedoraproject.FirewallD1 alias) or another
             # unit's dependency would start it again: masked, nothing can

@@ -25,22 +25,26 @@ from support import TwoHosts, require_binary
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
 
-@pytest.mark.parametrize("running", DAEMONS, ids=[d.binary.rsplit("/")[-1] for d in DAEMONS],
-                         indirect=True)  # fmt: skip
+@pytest.mark.parametrize("running", DAEMONS, ids=[d.test_id for d in DAEMONS], indirect=True)
 def test_the_printed_fix_applied_as_printed_makes_it_ok(running: Running):
     r, d = running, running.daemon
     assert status(r) == d.wrong
     doc = diagnose(r)
     print(f"server$ bindscope diagnose {d.port} --json\n{json.dumps(doc, indent=2)}")
     config = [f for f in doc["fixes"] if f["kind"] == "config"]
-    assert config, doc["fixes"]
-    fix = config[0]
-    assert (fix["file"], fix.get("line", 0)) == (d.file, d.line(r.tmp)), fix
-    for command in fix["commands"]:
-        r.run_as_admin(command)
-    lines = r.file(fix["file"]).read_text().splitlines()
-    # the named line now reads as the setting says; an absent setting was added last
-    assert lines[fix["line"] - 1 if "line" in fix else -1] == fix["setting"]
+    assert len(config) == d.fixes, doc["fixes"]
+    assert (config[0]["file"], config[0].get("line", 0)) == (d.file, d.line(r.tmp)), config
+    # every line that sets it is changed: each fix, in order, as printed
+    for fix in config:
+        for command in fix["commands"]:
+            r.run_as_admin(command)
+    for fix in config:
+        lines = r.file(fix["file"]).read_text().splitlines()
+        # the named line now reads as the setting says; an absent setting was added
+        if "line" in fix:
+            assert lines[fix["line"] - 1] == fix["setting"], fix
+        else:
+            assert fix["setting"] in lines, fix
 
     r.stop()
     r.start()

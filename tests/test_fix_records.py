@@ -226,13 +226,6 @@ def test_an_absent_setting_is_added_where_it_belongs():
     assert fix.commands == ("sed -i '3a bind-address = 127.0.0.1' /srv/my.cnf",)
 
 
-def test_sshd_gets_an_absent_listen_address_ahead_of_any_match_block():
-    tree = {"/etc/ssh/sshd_config": "Port 22\nMatch User backup\n  ForceCommand true\n"}
-    c = _culprit("sshd", proc("sshd: /usr/sbin/sshd -D", name="sshd"), tree, 22)
-    (fix,) = bind_change(c, 22, "127.0.0.1")
-    assert fix.commands == ("sed -i '1i ListenAddress 127.0.0.1' /etc/ssh/sshd_config",)
-
-
 def test_a_line_shared_with_other_directives_is_named_not_edited():
     tree = {"/etc/nginx/nginx.conf": "server { listen 127.0.0.1:80; root /srv; }\n"}
     c = _culprit("nginx", proc("nginx", name="nginx"), tree, 80)

@@ -3,6 +3,7 @@ line, the address to bind, and the firewall commands that open or close a port."
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from collections.abc import Sequence
@@ -214,7 +215,9 @@ def _sed_line(file: str, line: int, text: str) -> str:
 
 
 def _sed_after(file: str, line: int, text: str) -> str:
-    return f"sed -i {shlex.quote(f'{line}a {text}')} {shlex.quote(file)}"
+    # `a\` keeps the text's indentation (plain `a` drops leading blanks)
+    how = "a\\" if text[:1].isspace() else "a "
+    return f"sed -i {shlex.quote(f'{line}{how}{text}')} {shlex.quote(file)}"
 
 
 def _indent(line: str) -> str:
@@ -228,8 +231,8 @@ def _edit(s: Setting, new: str, summary: str, restart: str) -> Fix:
         where = f"{s.file} line {s.line}"
         cmd = _sed_line(s.file, s.line, text)
     elif s.section_line:
-        text, where = new, f"{s.file}, after line {s.section_line}"
-        cmd = _sed_after(s.file, s.section_line, new)
+        text, where = s.indent + new, f"{s.file}, after line {s.section_line}"
+        cmd = _sed_after(s.file, s.section_line, text)
     elif s.first:
         text, where = new, f"{s.file}, as its first line"
         cmd = f"sed -i {shlex.quote(f'1i {new}')} {shlex.quote(s.file)}"
@@ -428,16 +431,7 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
             host,
         )
     if kind == "sshd":
-        value = "0.0.0.0" if _wide(host) else host
-        return _directive(
-            c,
-            "ListenAddress",
-            value,
-            "sshd",
-            "`sshd -t` and restart ssh",
-            "/etc/ssh/sshd_config",
-            host,
-        )
+        return _sshd(c, port, host)
     if kind == "epmd":
         value = "127.0.0.1,::1" if host == "127.0.0.1" else host
         if c.settings:
@@ -468,30 +462,13 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
                     setting=new,
                 )
             ]
-        new = f"listeners.tcp.default = {h}"
-        if c.settings:
-            return [
-                _edit(s, new, "make RabbitMQ listen on " + h, "restart RabbitMQ")
-                for s in c.settings
-            ]
-        return [
-            Fix(
-                "config",
-                f"`{new}` in /etc/rabbitmq/rabbitmq.conf, then restart RabbitMQ",
-                file="/etc/rabbitmq/rabbitmq.conf",
-                setting=new,
-            )
-        ]
+        return _rabbitmq(c, port, host)
     if kind == "caddy":
-        return [
-            Fix(
-                "config",
-                f"`bind {host}` in the site block of /etc/caddy/Caddyfile "
-                "(or the global `default_bind`), then reload caddy",
-                file="/etc/caddy/Caddyfile",
-                setting=f"bind {host}",
-            )
-        ]
+        return _caddy(c, port, host)
+    if kind == "dnsmasq":
+        return _dnsmasq(c, port, host)
+    if kind == "chrony":
+        return _chrony(c, port, host)
     if kind == "java":
         return [
             Fix(
@@ -503,6 +480,351 @@ def _program_fixes(c: Culprit, port: int, host: str) -> list[Fix] | None:
             )
         ]
     return None
+
+
+# --- sshd: ListenAddress lines add up; sshd's IPv6 sockets are always v6only ---
+
+SSHD_RESTART = "`sshd -t` and restart ssh"
+
+
+def _sshd_split(value: str) -> tuple[str, str]:
+    """A ListenAddress value's address and port ("" when it names none)."""
+    if value.startswith("["):
+        address, _, rest = value[1:].partition("]")
+        return address, rest.removeprefix(":")
+    if value.count(":") == 1:
+        address, port = value.split(":")
+        return address, port
+    return value, ""
+
+
+def _sshd_join(address: str, port: str) -> str:
+    if not port:
+        return address
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def in_family(address: str, host: str) -> str:
+    """`address` moved to `host`; to loopback or to every address in its own family
+    (`::` -> `::1`), so each family's clients keep working."""
+    six = ":" in address
+    if host == "127.0.0.1":
+        return "::1" if six else "127.0.0.1"
+    if _wide(host):
+        return "::" if six else "0.0.0.0"
+    return host
+
+
+def sshd_value(value: str, host: str) -> str:
+    """A ListenAddress value moved to `host` in its own family, keeping its port."""
+    address, port = _sshd_split(value)
+    return _sshd_join(in_family(address, host), port)
+
+
+def _sshd(c: Culprit, port: int, host: str) -> list[Fix]:
+    where = "every address" if _wide(host) else host
+    located = [s for s in c.settings if s.line]
+    if not located:
+        # none: sshd listens on every address of both families; narrowed, on both loopbacks
+        values = ["127.0.0.1", "::1"] if host == "127.0.0.1" else [host]
+        if not c.settings:
+            return [
+                Fix(
+                    "config",
+                    f"`ListenAddress {values[0]}` in /etc/ssh/sshd_config, then {SSHD_RESTART}",
+                    setting=f"ListenAddress {values[0]}",
+                )
+            ]
+        s = c.settings[0]
+        lines = [f"ListenAddress {v}" for v in values]
+        fix = _edit(s, lines[0], f"make sshd listen on {' and '.join(values)}", SSHD_RESTART)
+        if len(lines) == 1:
+            return [fix]
+        said = " and ".join(f"`{line}`" for line in lines)
+        script = ("1i " if s.first else "$a ") + "\\n".join(lines)
+        return [
+            dataclasses.replace(
+                fix,
+                summary=fix.summary.replace(f"`{lines[0]}`", said, 1),
+                commands=(f"sed -i {shlex.quote(script)} {shlex.quote(s.file)}",),
+            )
+        ]
+    fixes: list[Fix] = []
+    seen: set[str] = set()
+    for s in located:
+        value = sshd_value(s.value, host)
+        rest = re.sub(r"^\s*ListenAddress\s+\S+", "", s.text.split("#", 1)[0], flags=re.I).rstrip()
+        if value in seen:
+            # a second line for the same address: sshd would fail to bind it again
+            old = s.text.strip()
+            fixes.append(
+                Fix(
+                    "config",
+                    f"comment out `{old}` in {s.file} line {s.line}: another line makes "
+                    f"sshd listen on {value} already",
+                    file=s.file,
+                    line=s.line,
+                    setting=_indent(s.text) + "#" + old,
+                    commands=(_sed_line(s.file, s.line, _indent(s.text) + "#" + old),),
+                )
+            )
+            continue
+        seen.add(value)
+        on = where if _wide(host) else _sshd_split(value)[0]
+        fixes.append(
+            _edit(s, f"ListenAddress {value}{rest}", f"make sshd listen on {on}", SSHD_RESTART)
+        )
+    sixes = {":" in _sshd_split(s.value)[0] for s in located}
+    if _wide(host) and len(sixes) == 1:
+        # every address of the other family too (on its port), on a line after the last one
+        last = located[-1]
+        extra = "ListenAddress " + _sshd_join("0.0.0.0" if True in sixes else "::",
+                                              _sshd_split(last.value)[1])  # fmt: skip
+        i = next(n for n, f in enumerate(fixes) if (f.file, f.line) == (last.file, last.line))
+        f = fixes[i]
+        fixes[i] = dataclasses.replace(
+            f,
+            summary=f.summary.replace(", then ", f" and `{extra}` after it, then ", 1),
+            commands=(*f.commands, _sed_after(last.file, last.line, _indent(last.text) + extra)),
+        )
+    return fixes
+
+
+# --- Caddy: `bind` in each site block served on the port ---
+
+
+def _caddy(c: Culprit, port: int, host: str) -> list[Fix]:
+    # Caddy (Go) listens on 0.0.0.0 with an IPv6 socket that takes IPv4 too
+    value = "127.0.0.1 ::1" if host == "127.0.0.1" else host
+    where = "every address" if _wide(host) else value.replace(" ", " and ")
+    if not c.settings:
+        return [
+            Fix(
+                "config",
+                f"`bind {value}` in the site block of /etc/caddy/Caddyfile "
+                "(or the global option `default_bind`), then reload caddy",
+                file="/etc/caddy/Caddyfile",
+                setting=f"bind {value}",
+            )
+        ]
+    # a line added after a site's addresses moves the lines below it: the later sites first
+    ordered = sorted(c.settings, key=lambda s: (s.file, s.line or s.section_line), reverse=True)
+    return [
+        _edit(
+            s,
+            f"bind {value}",
+            f"make Caddy's site on port {port} listen on {where}",
+            f"`caddy validate --config {s.file}` and reload caddy",
+        )
+        for s in ordered
+    ]
+
+
+# --- dnsmasq: listen-address= alone still binds the wildcard; bind-interfaces binds them ---
+
+DNSMASQ_RESTART = "restart dnsmasq"
+_DNSMASQ_NOT_DNS = {67, 68, 69, 547}  # DHCP, TFTP, DHCPv6: always on the wildcard
+
+
+def _commented(s: Setting) -> str:
+    return _indent(s.text) + "#" + s.text.strip()
+
+
+def _dnsmasq(c: Culprit, port: int, host: str) -> list[Fix] | None:
+    if port in _DNSMASQ_NOT_DNS:
+        return None
+    of = {d: [s for s in c.settings if s.directive == d and s.line] for d in
+          ("listen-address", "interface", "bind-interfaces", "bind-dynamic")}  # fmt: skip
+    listens, interfaces = of["listen-address"], of["interface"]
+    conf = next((s.file for s in c.settings if s.directive == "listen-address"), "")
+    if not conf:
+        return [
+            Fix(
+                "config",
+                "`listen-address=127.0.0.1,::1` and `bind-interfaces` in /etc/dnsmasq.conf, "
+                f"then {DNSMASQ_RESTART}",
+                setting="listen-address=127.0.0.1,::1",
+            )
+        ]
+    if _wide(host):
+        # every interface: what limits it goes (bind-interfaces then binds them all)
+        limits = listens + interfaces
+        if not limits:
+            return [
+                advice(
+                    "dnsmasq's files set no listen-address= or interface=: look at its "
+                    "command line (-a, -i; DNSMASQ_INTERFACE in /etc/default/dnsmasq)"
+                )
+            ]
+        said = ", ".join(f"`{s.text.strip()}` ({s.file} line {s.line})" for s in limits)
+        first = limits[0]
+        return [
+            Fix(
+                "config",
+                f"let dnsmasq listen on every interface: comment out {said}, "
+                f"then {DNSMASQ_RESTART}",
+                file=first.file,
+                line=first.line,
+                setting=_commented(first),
+                commands=tuple(_sed_line(s.file, s.line, _commented(s)) for s in limits),
+            )
+        ]
+    value = "127.0.0.1,::1" if host == "127.0.0.1" else ",".join((host, "127.0.0.1", "::1"))
+    new = f"listen-address={value}"
+    commands: list[str] = []
+    parts: list[str] = []
+    if listens:
+        first = listens[0]
+        setting, line, file = _indent(first.text) + new, first.line, first.file
+        commands.append(_sed_line(file, line, setting))
+        parts.append(f"`{new}` in {file} line {line}")
+    else:
+        setting, line, file = new, 0, conf
+        parts.append(f"`{new}` in {file} (not set there now)")
+    # the rest would add addresses again, an interface= its own addresses
+    for s in listens[1:] + [i for i in interfaces if i.value != "lo"]:
+        commands.append(_sed_line(s.file, s.line, _commented(s)))
+        parts.append(f"comment out `{s.text.strip()}` ({s.file} line {s.line})")
+    if not of["bind-interfaces"] and not of["bind-dynamic"]:
+        # added first, so that an absent listen-address ends the file as `setting` says
+        commands.insert(len(commands) if listens else 0, _sed_line(conf, 0, "bind-interfaces"))
+        parts.append(
+            "`bind-interfaces` (without it dnsmasq binds every address and only drops "
+            "the queries to the others)"
+        )
+    if not listens:
+        commands.append(_sed_line(conf, 0, new))
+    return [
+        Fix(
+            "config",
+            f"make dnsmasq listen on {value.replace(',', ' and ')} alone: "
+            f"{', '.join(parts)}, then {DNSMASQ_RESTART}",
+            file=file,
+            line=line,
+            setting=setting,
+            commands=tuple(commands),
+        )
+    ]
+
+
+# --- chrony: one bind address per family, each family's socket apart (v6only) ---
+
+
+def _chrony(c: Culprit, port: int, host: str) -> list[Fix] | None:
+    if not c.settings:
+        return None
+    name = c.settings[0].directive
+    who = "command port" if name == "bindcmdaddress" else "NTP port"
+    allow = "cmdallow" if name == "bindcmdaddress" else "allow"
+    restart = "restart chrony" + ("" if host == "127.0.0.1" else f" (and `{allow}` the clients)")
+    located = [s for s in c.settings if s.line]
+    if not located:
+        if host != "127.0.0.1" or name == "bindcmdaddress":
+            return None  # the default is every address (NTP) or loopback (commands) already
+        s = c.settings[0]
+        lines = [f"{name} 127.0.0.1", f"{name} ::1"]
+        return [
+            Fix(
+                "config",
+                f"make chrony's {who} listen on 127.0.0.1 and ::1: `{lines[0]}` and "
+                f"`{lines[1]}` in {s.file} (not set there now), then {restart}",
+                file=s.file,
+                setting=lines[1],
+                commands=tuple(_sed_line(s.file, 0, line) for line in lines),
+            )
+        ]
+    fixes = [
+        _edit(s, f"{name} {in_family(s.value, host)}", f"make chrony's {who} listen on "
+              f"{'every address' if _wide(host) else in_family(s.value, host)}", restart)
+        for s in located
+    ]  # fmt: skip
+    sixes = {":" in s.value for s in located}
+    if _wide(host) and name == "bindcmdaddress" and len(sixes) == 1:
+        # the other family's command socket stays on its loopback unless told otherwise
+        last = located[-1]
+        extra = f"{name} {'0.0.0.0' if True in sixes else '::'}"
+        f = fixes[-1]
+        fixes[-1] = dataclasses.replace(
+            f,
+            summary=f.summary.replace(", then ", f" and `{extra}` after it, then ", 1),
+            commands=(*f.commands, _sed_after(last.file, last.line, _indent(last.text) + extra)),
+        )
+    return fixes
+
+
+# --- RabbitMQ: listeners.tcp.NAME lines; a port alone is every address of both families ---
+
+RABBITMQ_RESTART = "restart RabbitMQ"
+
+
+def _rabbit_value(address: str, port: int) -> str:
+    # RabbitMQ's own form: the last colon parts the port (`::1:5672`)
+    return f"{address}:{port}" if address else str(port)
+
+
+def _append(file: str, lines: list[str], missing: bool) -> tuple[str, ...]:
+    """Commands that add lines at the end of a file, or write it when it is missing."""
+    if missing:
+        return (f"printf '%s\\n' {' '.join(shlex.quote(line) for line in lines)} >> "
+                f"{shlex.quote(file)}",)  # fmt: skip
+    return tuple(_sed_line(file, 0, line) for line in lines)
+
+
+def _rabbitmq(c: Culprit, port: int, host: str) -> list[Fix]:
+    conf = "/etc/rabbitmq/rabbitmq.conf"
+    # both loopbacks by address; every address is the port alone (both families)
+    wide = "" if _wide(host) else host
+    targets = ["127.0.0.1", "::1"] if host == "127.0.0.1" else [wide]
+    values = [_rabbit_value(t, port) for t in targets]
+    where = " and ".join(t or "every address" for t in targets)
+    located = [s for s in c.settings if s.line]
+    if not located:
+        s = c.settings[0] if c.settings else Setting(conf, 0, "")
+        lines = [f"listeners.tcp.{n} = {v}" for n, v in enumerate(values, 1)]
+        said = " and ".join(f"`{line}`" for line in lines)
+        how = "a file of its own (there is none now)" if s.missing else "it (not set there now)"
+        return [
+            Fix(
+                "config",
+                f"make RabbitMQ listen on {where}: {said} in {s.file}, {how}, then "
+                f"{RABBITMQ_RESTART}",
+                file=s.file,
+                setting=lines[-1],
+                commands=_append(s.file, lines, s.missing) if c.settings else (),
+            )
+        ]
+    fixes = []
+    for s, value in zip(located, values, strict=False):
+        fixes.append(
+            _edit(s, f"listeners.tcp.{s.directive} = {value}", f"make RabbitMQ listen on "
+                  f"{where}", RABBITMQ_RESTART)
+        )  # fmt: skip
+    for s in located[len(values) :]:
+        # a further listener would still listen where it did
+        old = s.text.strip()
+        fixes.append(
+            Fix(
+                "config",
+                f"comment out `{old}` in {s.file} line {s.line}, then {RABBITMQ_RESTART}",
+                file=s.file,
+                line=s.line,
+                setting=_indent(s.text) + "#" + old,
+                commands=(_sed_line(s.file, s.line, _indent(s.text) + "#" + old),),
+            )
+        )
+    if len(values) > len(located):
+        # the other loopback on a line of its own, under a name no listener has yet
+        last = located[-1]
+        names = {s.directive for s in located}
+        name = next(str(n) for n in range(1, len(names) + 2) if str(n) not in names)
+        extra = f"listeners.tcp.{name} = {values[-1]}"
+        f = fixes[len(located) - 1]
+        fixes[len(located) - 1] = dataclasses.replace(
+            f,
+            summary=f.summary.replace(", then ", f" and `{extra}` after it, then ", 1),
+            commands=(*f.commands, _sed_after(last.file, last.line, _indent(last.text) + extra)),
+        )
+    return fixes
 
 
 def bind_change(culprit: Culprit | None, port: int, host: str) -> list[Fix]:

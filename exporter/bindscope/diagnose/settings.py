@@ -29,6 +29,9 @@ class Setting:
     value: str = ""  # the address part, for the fix to reason about
     section_line: int = 0  # an INI section header to add the setting under, when absent
     first: bool = False  # when absent, add it as the first line (sshd: never inside a Match)
+    indent: str = ""  # the indentation a line added after `section_line` takes (a block's)
+    directive: str = ""  # which of a program's several settings this is (dnsmasq's)
+    missing: bool = False  # the file itself is absent (Debian ships no rabbitmq.conf)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ DEFAULTS = {
     "rabbitmq": "/etc/rabbitmq/rabbitmq.conf",
     "epmd": "/etc/rabbitmq/rabbitmq-env.conf",
     "caddy": "/etc/caddy/Caddyfile",
+    "dnsmasq": "/etc/dnsmasq.conf",
+    "chrony": "/etc/chrony/chrony.conf",
 }
 
 
@@ -112,7 +117,9 @@ def config_file(kind: str, process: ProcessInfo, files: Files) -> str:
         named = option(words, "config_file") or _pg_config(words)
     elif kind == "mysql":
         named = option(words, "--defaults-file")
-    elif kind in ("apache", "haproxy", "sshd"):
+    elif kind == "dnsmasq":
+        named = option(words, "-C", "--conf-file")
+    elif kind in ("apache", "haproxy", "sshd", "chrony"):
         named = option(words, "-f")
         if kind == "apache" and not named and files.read("/etc/httpd/conf/httpd.conf"):
             named = "/etc/httpd/conf/httpd.conf"
@@ -344,16 +351,160 @@ def mosquitto(files: Files, path: str, port: int) -> tuple[Setting, ...]:
     return found or ((Setting(path, 0, ""),) if files.read(path) is not None else ())
 
 
+def sshd_port(value: str, default: int) -> int | None:
+    """The port of a ListenAddress value: `host:port` or `[v6]:port`; a bare IPv6 address
+    (`::`, `::1`: more than one colon, no brackets) names none, so sshd's Port applies."""
+    if value.startswith("["):
+        tail = value.rsplit("]", 1)[-1]
+        if not tail:
+            return default
+        return int(tail[1:]) if tail.startswith(":") and tail[1:].isdigit() else None
+    if value.count(":") == 1:
+        port = value.split(":", 1)[1]
+        return int(port) if port.isdigit() else None
+    return default
+
+
 def sshd(files: Files, path: str, port: int) -> tuple[Setting, ...]:
+    """Every `ListenAddress` for the port in sshd_config and its `Include`s: they add up."""
     found = _directives(
         files,
         path,
         re.compile(r"^Include\s+(.+)$", re.I),
         re.compile(r"^ListenAddress\s+(\S+)", re.I),
         port,
-        lambda v: _host_port(v, port),
+        lambda v: sshd_port(v, port),
     )
     return found or ((Setting(path, 0, "", first=True),) if files.read(path) is not None else ())
+
+
+_CADDY_COMMENT = re.compile(r"(?:^|\s)#.*$")  # a comment starts a token, not inside one
+
+
+def caddy_ports(address: str) -> set[int]:
+    """The ports a Caddyfile site address is served on: `:8080`, `http://host:8080`,
+    `http://host` (80), `https://host` (443), `host` (443, and 80 for its redirect)."""
+    scheme, _, rest = address.rpartition("://")
+    rest = rest.split("/", 1)[0]
+    if rest.startswith("["):
+        port = rest.partition("]")[2].removeprefix(":")
+    else:
+        port = rest.rpartition(":")[2] if ":" in rest else ""
+    if port:
+        return {int(port)} if port.isdigit() else set()  # a placeholder: not known here
+    return {80} if scheme == "http" else {443} if scheme == "https" else {80, 443}
+
+
+def caddy(files: Files, path: str, port: int) -> tuple[Setting, ...]:
+    """For each site block of the Caddyfile served on the port: its `bind` line, or where
+    one goes (after the line of its addresses; `bind` is the site's, never a route's)."""
+    lines = _lines(files, path)
+    if lines is None:
+        return ()
+    found: list[Setting] = []
+    depth = 0
+    started = False  # a site seen: a `{` alone is no longer the global options block
+    single = False  # no braces: the file is one site, its addresses on the first line
+    site = 0  # the line of the addresses of the site being read, when it serves the port
+    bind: Setting | None = None
+    indent = "\t"
+
+    def done() -> None:
+        nonlocal site, bind
+        if site:
+            found.append(bind or Setting(path, 0, "", section_line=site, indent=indent))
+        site, bind = 0, None
+
+    for n, line in enumerate(lines, 1):
+        text = _CADDY_COMMENT.sub("", line).strip()
+        if not text:
+            continue
+        head = text.removesuffix("{").strip()
+        if depth == 0 and not single and ((text == "{" and not started) or head.startswith("(")):
+            pass  # the global options block, or a snippet: no site of its own
+        elif depth == 0 and not single:
+            # a site block's addresses, or (no brace on the first site) the only site's
+            started, single = True, "{" not in text
+            addresses = text.split("{", 1)[0].replace(",", " ").split()
+            ports = {p for a in addresses for p in caddy_ports(a)}
+            site, bind, indent = (n if port in ports else 0), None, "" if single else "\t"
+        elif site and depth == (0 if single else 1):
+            indent = _indent(line) or indent
+            if re.match(r"^bind(\s|$)", text):
+                bind = Setting(path, n, line, text[4:].strip())
+        depth += text.count("{") - text.count("}")
+        if depth == 0 and not single:
+            if site == n:
+                site = 0  # a site on one line (`:80 { respond ok }`): no line to add after
+            done()
+    done()
+    return tuple(found)
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+_DNSMASQ = re.compile(
+    r"^(listen-address|interface|bind-interfaces|bind-dynamic|conf-file|conf-dir)\s*(?:=\s*(.*))?$"
+)
+
+
+def _dnsmasq_dir(files: Files, value: str) -> list[str]:
+    """The files of `conf-dir=DIR[,.ext-to-skip...|,*.ext-to-take...]`, in dnsmasq's order
+    (sorted; never a dotfile, a backup~ or an #autosave#)."""
+    directory, *suffixes = [v.strip() for v in value.split(",")]
+    take = [x[1:] for x in suffixes if x.startswith("*")]
+    skip = [x for x in suffixes if not x.startswith("*")]
+    found = []
+    for p in files.listing(os.path.join(files.absolute(directory), "*")):
+        name = os.path.basename(p)
+        if name.startswith((".", "#")) or name.endswith("~"):
+            continue
+        if (take and not name.endswith(tuple(take))) or (skip and name.endswith(tuple(skip))):
+            continue
+        found.append(p)
+    return found
+
+
+def dnsmasq(files: Files, path: str, process: ProcessInfo) -> tuple[Setting, ...]:
+    """`listen-address=`, `interface=` and `bind-interfaces`/`bind-dynamic` in dnsmasq.conf,
+    the `conf-file=`s and `conf-dir=`s it names, and the conf-dir of its command line (-7,
+    Debian's `-7 /etc/dnsmasq.d,.dpkg-dist,...`); with no listen-address, where one goes."""
+    if files.read(path) is None:
+        return ()
+    found: list[Setting] = []
+    seen: set[str] = set()
+
+    def visit(p: str) -> None:
+        if p in seen or len(seen) >= MAX_FILES:
+            return
+        seen.add(p)
+        for n, line in enumerate(_lines(files, p) or [], 1):
+            m = _DNSMASQ.match(_uncomment(line))
+            if not m:
+                continue
+            name, value = m.group(1), (m.group(2) or "").strip()
+            if name == "conf-file" and value:
+                visit(files.absolute(value, os.path.dirname(p)))
+            elif name == "conf-dir" and value:
+                for q in _dnsmasq_dir(files, value):
+                    visit(q)
+            elif name != "conf-file" and name != "conf-dir":
+                found.append(Setting(p, n, line, value, directive=name))
+
+    visit(path)
+    words = _words(process)
+    for i, w in enumerate(words):
+        if w in ("-7", "--conf-dir") and i + 1 < len(words):
+            for q in _dnsmasq_dir(files, words[i + 1]):
+                visit(q)
+        elif w.startswith("--conf-dir="):
+            for q in _dnsmasq_dir(files, w.split("=", 1)[1]):
+                visit(q)
+    if not any(s.directive == "listen-address" for s in found):
+        found.append(Setting(path, 0, "", directive="listen-address"))
+    return tuple(found)
 
 
 def memcached(files: Files, path: str, process: ProcessInfo) -> tuple[Setting, ...]:
@@ -367,13 +518,17 @@ def memcached(files: Files, path: str, process: ProcessInfo) -> tuple[Setting, .
 
 
 def rabbitmq(files: Files, path: str, port: int) -> tuple[Setting, ...]:
+    """`listeners.tcp.NAME = [ADDRESS:]PORT` lines for the port in rabbitmq.conf; with
+    none, where one goes: the file, which Debian's package does not ship (the default,
+    every address of both families, applies then)."""
+    text = files.read(path)
     found = [
-        Setting(path, n, line, m.group(1))
-        for n, line in enumerate(_lines(files, path) or [], 1)
-        if (m := re.match(r"^listeners\.tcp\.\w+\s*=\s*(\S+)", _uncomment(line)))
-        and _host_port(m.group(1)) == port
+        Setting(path, n, line, m.group(2), directive=m.group(1))
+        for n, line in enumerate((text or "").splitlines(), 1)
+        if (m := re.match(r"^listeners\.tcp\.(\w+)\s*=\s*(\S+)", _uncomment(line)))
+        and _host_port(m.group(2)) == port
     ]
-    return tuple(found) or ((Setting(path, 0, ""),) if files.read(path) is not None else ())
+    return tuple(found) or (Setting(path, 0, "", missing=text is None),)
 
 
 def epmd(files: Files, path: str, port: int) -> tuple[Setting, ...]:
@@ -383,6 +538,56 @@ def epmd(files: Files, path: str, port: int) -> tuple[Setting, ...]:
         if (m := re.match(r"^(?:export\s+)?ERL_EPMD_ADDRESS=(\S*)", _uncomment(line)))
     ]
     return _last(found, Setting(path, 0, ""))
+
+
+_CHRONY_PORTS = {"port": 123, "cmdport": 323, "ntsport": 4460}
+
+
+def chrony(files: Files, path: str, port: int) -> tuple[Setting, ...]:
+    """`bindcmdaddress` for the command port, `bindaddress` for the NTP port (and NTS-KE's),
+    in chrony.conf, its `include`s and the `*.conf` of its `confdir`s; with none, where
+    one goes. A port chronyd does not serve (by its `port`/`cmdport`/`ntsport`): ()."""
+    read: list[tuple[str, int, str, str, str]] = []  # file, line, text, directive, value
+    seen: set[str] = set()
+
+    def visit(p: str) -> None:
+        if p in seen or len(seen) >= MAX_FILES:
+            return
+        seen.add(p)
+        for n, line in enumerate(_lines(files, p) or [], 1):
+            name, value = ([*_uncomment(line).split(None, 1), "", ""])[:2]
+            value = value.strip()
+            if name == "include" and value:
+                targets = [value]
+            elif name == "confdir" and value:
+                targets = [os.path.join(d, "*.conf") for d in value.split()]
+            else:
+                read.append((p, n, line, name, value))
+                continue
+            for pattern in targets:
+                for q in files.listing(files.absolute(pattern, os.path.dirname(p))):
+                    visit(q)
+
+    if files.read(path) is None:
+        return ()
+    visit(path)
+    ports = dict(_CHRONY_PORTS)
+    for *_, name, value in read:
+        if name in ports and value.isdigit():
+            ports[name] = int(value)
+    if port == ports["cmdport"]:
+        directive = "bindcmdaddress"
+    elif port in (ports["port"], ports["ntsport"]):
+        directive = "bindaddress"
+    else:
+        return ()
+    found = [
+        Setting(p, n, line, value, directive=directive)
+        for p, n, line, name, value in read
+        # a path is the command socket's, not an address
+        if name == directive and value and not value.startswith("/")
+    ]
+    return tuple(found) or (Setting(path, 0, "", directive=directive),)
 
 
 _FINDERS: dict[str, Callable[[Files, str, int], tuple[Setting, ...]]] = {
@@ -395,6 +600,8 @@ _FINDERS: dict[str, Callable[[Files, str, int], tuple[Setting, ...]]] = {
     "sshd": sshd,
     "rabbitmq": rabbitmq,
     "epmd": epmd,
+    "caddy": caddy,
+    "chrony": chrony,
 }
 
 
@@ -421,6 +628,8 @@ def locate(kind: str, process: ProcessInfo, port: int, files: Files) -> tuple[Se
         return over or (postgres(files, path, port) if path else ())
     if kind == "memcached":
         return memcached(files, path, process)
+    if kind == "dnsmasq":
+        return dnsmasq(files, path, process)
     finder = _FINDERS.get(kind)
     if finder is None or not path:
         return ()
