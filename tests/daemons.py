@@ -511,18 +511,33 @@ DNSMASQ = Daemon(
 CHRONYC_TRACKING = bytes.fromhex("060100000021000074441115") + bytes(92)
 
 
+# tests/run.sh unpacks chrony's package under CHRONY_ROOT rather than installing it: it
+# conflicts with every other time daemon and would remove the host's own
+CHRONY_ROOT = Path("/opt/bindscope-tests/chrony")
+CHRONYD = shutil.which("chronyd") or str(CHRONY_ROOT / "usr/sbin/chronyd")
+
+
 def chrony_setup(tmp: Path) -> None:
-    shutil.copytree("/etc/chrony", tmp / "etc/chrony", symlinks=True)
-    conf = tmp / "etc/chrony/chrony.conf"
+    # /etc/chrony may not exist on the host: an overlay on /etc holds the copy
+    upper = tmp / "etc-upper"
+    upper.mkdir()
+    (tmp / "etc-work").mkdir()
+    etc = upper / "chrony"
+    if shutil.which("chronyd"):
+        shutil.copytree("/etc/chrony", etc, symlinks=True)
+    else:  # as the package's postinst puts them in place (ucf)
+        shutil.copytree(CHRONY_ROOT / "etc/chrony", etc, symlinks=True)
+        for name in ("chrony.conf", "chrony.keys"):
+            shutil.copy2(CHRONY_ROOT / "usr/share/chrony" / name, etc / name)
+    conf = etc / "chrony.conf"
     # the test's: no time source (no traffic beyond the namespaces), its state in the temp
     # dir, and (beside -x) nothing that would touch the host's clock
     _edit(conf, r"^pool .*$", "")
     _edit(conf, r"^(driftfile|ntsdumpdir|logdir) .*$", rf"\1 {tmp}/chrony")
     _edit(conf, r"^(rtcsync|makestep .*)$", "")
     (tmp / "chrony").mkdir()
-    shutil.chown(tmp / "chrony", "_chrony", "_chrony")
     # the admin's change, where Debian's confdir reads it: chronyc from the monitoring host
-    (tmp / "etc/chrony/conf.d/monitoring.conf").write_text(
+    (etc / "conf.d/monitoring.conf").write_text(
         "# chronyc from the monitoring host\nbindcmdaddress 0.0.0.0\ncmdallow 198.51.100.0/24\n"
     )
 
@@ -531,14 +546,17 @@ CHRONY = Daemon(
     name="chrony-cmd",
     port=323,
     expose="loopback",
-    binary="chronyd",
-    mounts=("/etc/chrony",),
+    binary=CHRONYD,
+    mounts=(),
     setup=chrony_setup,
-    # as Debian's unit runs it (-F 1), in the foreground, never controlling the clock (-x);
-    # its pid file and socket in /run/chrony on a tmpfs of the private mount namespace
+    # as Debian's unit runs it (-F 1), in the foreground, never controlling the clock (-x),
+    # as root (its package's _chrony user may not exist); its pid file and socket in
+    # /run/chrony on a tmpfs of the private mount namespace
     command=lambda tmp: (
-        "mount -t tmpfs tmpfs /run && mkdir -m 0750 /run/chrony && "
-        "chown _chrony:_chrony /run/chrony && exec chronyd -d -x -F 1"
+        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp}/etc-upper,"
+        f"workdir={tmp}/etc-work /etc && "
+        f"mount -t tmpfs tmpfs /run && mkdir -m 0750 /run/chrony && "
+        f"exec {CHRONYD} -d -x -F 1 -u root"
     ),
     wrong="overexposed",
     file="/etc/chrony/conf.d/monitoring.conf",

@@ -44,19 +44,26 @@ if [ "$(id -u)" = 0 ]; then
     # dnsmasq-base alone (NetworkManager's, libvirt's) has the binary, not /etc/dnsmasq.conf
     [ -f /etc/dnsmasq.conf ] || daemons+=(dnsmasq)
     [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || daemons+=(rabbitmq-server)
-    if ! command -v chronyd >/dev/null; then
-        # chrony conflicts with every other time-daemon: it would remove the host's own
-        # (systemd-timesyncd, ntpsec), and the loop below would then leave it with none
-        other=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Provides}\n' 2>/dev/null |
-            awk '$1 == "ii" && / time-daemon/ {print $2; exit}' || true)
-        if [ -z "$other" ]; then
-            daemons+=(chrony)
-        else
-            echo "run.sh: not installing chrony: it would replace this host's $other" >&2
-        fi
+    # chrony conflicts with every other time daemon (installing it would remove the host's
+    # systemd-timesyncd): its package is unpacked under $CHRONY_ROOT, never installed
+    CHRONY_ROOT=/opt/bindscope-tests/chrony
+    chrony_missing=0
+    if ! command -v chronyd >/dev/null && [ ! -x $CHRONY_ROOT/usr/sbin/chronyd ]; then
+        chrony_missing=1
+        for lib in libcap2 libedit2 libgnutls30 libnettle8 libseccomp2; do
+            dpkg-query -W -f='${db:Status-Abbrev}' $lib 2>/dev/null | grep -q '^ii' || need+=($lib)
+        done
     fi
-    if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ]; then
+    if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ] || [ $chrony_missing = 1 ]; then
         apt-get update -qq
+    fi
+    if [ $chrony_missing = 1 ]; then
+        echo "run.sh: unpacking chrony from Debian into $CHRONY_ROOT (not installed)"
+        dl=$(mktemp -d)
+        (cd "$dl" && apt-get download -qq -o APT::Sandbox::User=root chrony)
+        mkdir -p $CHRONY_ROOT
+        dpkg-deb -x "$dl"/chrony_*.deb $CHRONY_ROOT
+        rm -rf "$dl"
     fi
     if [ ${#need[@]} -gt 0 ]; then
         echo "run.sh: installing from Debian: ${need[*]}"
