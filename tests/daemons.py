@@ -60,6 +60,24 @@ class Daemon:
         return self.id or self.binary.rsplit("/")[-1]
 
 
+def etc_upper(tmp: Path) -> Path:
+    """Where a daemon's files that lie in /etc itself (not in a directory of their own that
+    a bind mount could replace) are copied: the upper layer of an overlay on /etc."""
+    (tmp / "etc-work").mkdir()
+    upper = tmp / "etc-upper"
+    upper.mkdir()
+    return upper
+
+
+def mount_etc_overlay(tmp: Path) -> str:
+    """The shell command that lays etc_upper's copies over /etc, in the daemon's own mount
+    namespace."""
+    return (
+        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp}/etc-upper,"
+        f"workdir={tmp}/etc-work /etc"
+    )
+
+
 def _edit(path: Path, pattern: str, replacement: str) -> None:
     text = path.read_text()
     new, n = re.subn(pattern, replacement, text, flags=re.M)
@@ -234,9 +252,7 @@ MARIADB = Daemon(
 
 
 def memcached_setup(tmp: Path) -> None:
-    upper = tmp / "etc-upper"
-    upper.mkdir()
-    (tmp / "etc-work").mkdir()
+    upper = etc_upper(tmp)
     conf = Path("/etc/memcached.conf").read_text()
     conf = re.sub(r"(?m)^-l .*$", "-l 0.0.0.0", conf)  # the admin's change
     # the pid file where the test keeps its state (the wrapper keeps it in the foreground)
@@ -255,8 +271,7 @@ MEMCACHED = Daemon(
     # /etc itself is an overlay on the copy: the file lies in /etc, not in a directory
     # of its own that a bind mount could replace
     command=lambda tmp: (
-        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp}/etc-upper,"
-        f"workdir={tmp}/etc-work /etc && "
+        f"{mount_etc_overlay(tmp)} && "
         f"exec /usr/share/memcached/scripts/systemd-memcached-wrapper {MEMCACHED_CONF}"
     ),
     wrong="overexposed",
@@ -474,9 +489,7 @@ DNSMASQ_CONF = "/etc/dnsmasq.conf"
 
 def dnsmasq_setup(tmp: Path) -> None:
     # /etc/dnsmasq.conf lies in /etc itself: an overlay on /etc, as for memcached
-    upper = tmp / "etc-upper"
-    upper.mkdir()
-    (tmp / "etc-work").mkdir()
+    upper = etc_upper(tmp)
     shutil.copy2(DNSMASQ_CONF, upper / "dnsmasq.conf")
 
 
@@ -491,8 +504,7 @@ DNSMASQ = Daemon(
     # the temp dir; --no-resolv: no upstream servers, so no query leaves the namespace (and
     # /etc/resolv.conf is not read); no DHCP is configured
     command=lambda tmp: (
-        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp}/etc-upper,"
-        f"workdir={tmp}/etc-work /etc && "
+        f"{mount_etc_overlay(tmp)} && "
         f"exec dnsmasq --keep-in-foreground --log-facility=- --no-resolv "
         f"-x {tmp}/dnsmasq.pid -u dnsmasq -7 /etc/dnsmasq.d,.dpkg-dist,.dpkg-old,.dpkg-new "
         "--local-service"
@@ -519,9 +531,7 @@ CHRONYD = shutil.which("chronyd") or str(CHRONY_ROOT / "usr/sbin/chronyd")
 
 def chrony_setup(tmp: Path) -> None:
     # /etc/chrony may not exist on the host: an overlay on /etc holds the copy
-    upper = tmp / "etc-upper"
-    upper.mkdir()
-    (tmp / "etc-work").mkdir()
+    upper = etc_upper(tmp)
     etc = upper / "chrony"
     if shutil.which("chronyd"):
         shutil.copytree("/etc/chrony", etc, symlinks=True)
@@ -553,8 +563,7 @@ CHRONY = Daemon(
     # as root (its package's _chrony user may not exist); its pid file and socket in
     # /run/chrony on a tmpfs of the private mount namespace
     command=lambda tmp: (
-        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={tmp}/etc-upper,"
-        f"workdir={tmp}/etc-work /etc && "
+        f"{mount_etc_overlay(tmp)} && "
         f"mount -t tmpfs tmpfs /run && mkdir -m 0750 /run/chrony && "
         f"exec {CHRONYD} -d -x -F 1 -u root"
     ),
