@@ -152,7 +152,7 @@ GEN_BINDS = (
 )
 GEN_PORTS = (22, 80, 5432, 8443, 9090)
 GEN_LABS = 4  # rulesets checked at once, one lab each: a drop costs a whole probe timeout
-GEN_EXAMPLES = int(os.environ.get("BINDSCOPE_GENERATED_EXAMPLES", "60"))
+GEN_EXAMPLES = int(os.environ.get("BINDSCOPE_GENERATED_EXAMPLES", "100"))
 # CI draws the same rulesets every run; a seed set here explores others (by hand)
 GEN_SEED = os.environ.get("BINDSCOPE_GENERATED_SEED")
 
