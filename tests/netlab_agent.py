@@ -83,39 +83,32 @@ def probe(targets: list[list], timeout: float) -> list[str]:
         s = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
         s.setblocking(False)
         if udp:
-            s.sendto(f"lab {i}".encode(), sockaddr(address, port))
-            sel.register(s, selectors.EVENT_READ, i)
+            payload = f"lab {i}".encode()
+            s.sendto(payload, sockaddr(address, port))
+            sel.register(s, selectors.EVENT_READ, (i, payload))  # the answer: it, sent back
             continue
         rc = s.connect_ex(sockaddr(address, port))
         if rc in (0, errno.EINPROGRESS):
-            sel.register(s, selectors.EVENT_WRITE, i)
+            sel.register(s, selectors.EVENT_WRITE, (i, BANNER))
         else:
             out[i] = errno.errorcode.get(rc, str(rc))
             s.close()
     deadline = time.monotonic() + timeout
     while sel.get_map() and (left := deadline - time.monotonic()) > 0:
         for key, _ in sel.select(left):
-            s = key.fileobj
-            if s.type == socket.SOCK_DGRAM:  # type: ignore[union-attr]
-                with contextlib.suppress(OSError):
-                    if s.recv(2048) != f"lab {key.data}".encode():  # type: ignore[union-attr]
-                        continue
-                    out[key.data] = "ok"
-                sel.unregister(s)
-                s.close()  # type: ignore[union-attr]
-                continue
+            s, (i, answer) = key.fileobj, key.data
             if key.events == selectors.EVENT_WRITE:
                 rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
                 if rc == 0:  # connected: now the banner
                     sel.modify(s, selectors.EVENT_READ, key.data)
                     continue
-                out[key.data] = errno.errorcode.get(rc, str(rc))
+                out[i] = errno.errorcode.get(rc, str(rc))
             else:
                 try:
-                    got = s.recv(len(BANNER))  # type: ignore[union-attr]
-                    out[key.data] = "ok" if got == BANNER else "closed"
+                    got = s.recv(len(answer))  # type: ignore[union-attr]
+                    out[i] = "ok" if got == answer else "closed"
                 except OSError as e:
-                    out[key.data] = errno.errorcode.get(e.errno or 0, str(e))
+                    out[i] = errno.errorcode.get(e.errno or 0, str(e))
             sel.unregister(s)
             s.close()  # type: ignore[union-attr]
     for key in list(sel.get_map().values()):
